@@ -1,0 +1,532 @@
+"""Typed run configuration: nested dataclasses, YAML files, dotted command-line overrides, validation.
+
+Resolution order, later wins: dataclass defaults < the model preset < the YAML file < `--section.key
+VALUE` overrides. Every field carries a docstring under it; `describe()` prints them. Validation runs
+before any process group or tensor exists and raises `ConfigError` naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import textwrap
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and what to do."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the encoder. One set of fields covers Llama-style, ModernBERT and BERT shapes."""
+
+    preset: str = ""
+    """Name of a preset (megatron_jp.models.presets); fields set next to it override the preset."""
+    vocab_size: int = 0
+    """Rows of the embedding. 0: the tokenizer's size, padded to make_vocab_size_divisible_by x tensor."""
+    make_vocab_size_divisible_by: int = 128
+    """Padding multiple for a vocabulary taken from the tokenizer (fast matmuls, even TP shards)."""
+    hidden_size: int = 64
+    """Width of the residual stream."""
+    num_layers: int = 4
+    """Number of transformer blocks."""
+    num_heads: int = 4
+    """Query heads per attention layer."""
+    num_kv_heads: int = 0
+    """Key/value heads (GQA). 0: same as num_heads (multi-head attention)."""
+    head_dim: int = 0
+    """Size of each head. 0: hidden_size // num_heads."""
+    ffn_hidden_size: int = 128
+    """Inner width of the MLP (of each half, for gated activations)."""
+    activation: str = "swiglu"
+    """MLP activation: gelu (exact erf, ungated), swiglu, geglu (exact erf) or geglu_tanh."""
+    norm: str = "rmsnorm"
+    """Normalisation: rmsnorm or layernorm."""
+    norm_bias: bool = False
+    """Whether LayerNorms have a bias (BERT: yes, ModernBERT: no). Ignored for rmsnorm."""
+    norm_eps: float = 1e-5
+    """Epsilon of every norm."""
+    norm_position: str = "pre"
+    """pre: x + f(norm(x)) (Llama, ModernBERT); post: norm(x + f(x)) (classic BERT)."""
+    embedding_norm: bool = False
+    """Normalise the embedding output (BERT, ModernBERT)."""
+    first_layer_attn_norm: bool = True
+    """False drops layer 0's attention norm (ModernBERT: the embedding norm already did it)."""
+    final_norm: bool = True
+    """Normalise the last block's output (pre-norm models)."""
+    qkv_bias: bool = False
+    """Bias on the query/key/value projections."""
+    attn_out_bias: bool = False
+    """Bias on the attention output projection."""
+    mlp_bias: bool = False
+    """Biases on the MLP projections."""
+    position_embedding: str = "rope"
+    """rope (rotary, rotate-half) or learned (absolute position table)."""
+    max_position_embeddings: int = 8192
+    """Longest sequence; the size of the learned position table."""
+    type_vocab_size: int = 0
+    """Token-type (segment A/B) embeddings; 0 for none, 2 for BERT."""
+    rope_theta: float = 10000.0
+    """RoPE base of global-attention layers."""
+    local_rope_theta: float = 0.0
+    """RoPE base of sliding-window layers. 0: same as rope_theta."""
+    sliding_window: int = 0
+    """Total window of local layers (128 = +-64 tokens). 0: every layer attends globally."""
+    global_attn_every_n_layers: int = 1
+    """Layer i is global when i % n == 0, else local (ModernBERT: 3). 1: all global."""
+    head_type: str = "linear"
+    """MLM head: linear (decoder only, EuroBERT) or transform (dense -> act -> norm -> decoder)."""
+    head_activation: str = "gelu"
+    """Activation inside a transform head (exact erf GELU)."""
+    head_bias: bool = True
+    """Bias on the transform head's dense layer."""
+    decoder_bias: bool = True
+    """Bias on the vocabulary projection."""
+    tie_embeddings: bool = True
+    """Share the decoder weight with the token embedding."""
+    hidden_dropout: float = 0.0
+    """Dropout on embeddings and block outputs."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities."""
+    init_std: float = 0.02
+    """Std of the normal initialisation; output projections use init_std / sqrt(2 * num_layers)."""
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def gated(self) -> bool:
+        return self.activation in ("swiglu", "geglu", "geglu_tanh")
+
+    def is_global_layer(self, layer: int) -> bool:
+        return self.sliding_window == 0 or layer % self.global_attn_every_n_layers == 0
+
+    def layer_theta(self, layer: int) -> float:
+        if self.is_global_layer(layer):
+            return self.rope_theta
+        return self.local_rope_theta or self.rope_theta
+
+
+@dataclass
+class DataConfig:
+    """Where the tokens come from and how samples are built."""
+
+    paths: str = ""
+    """Megatron-style blend: "w1 prefix1 w2 prefix2" or one prefix (e.g. data/corpus_text_document)."""
+    valid_paths: str = ""
+    """Blend for validation. Empty: split off from `paths` by `split`."""
+    split: str = "98,2"
+    """Train,valid weights used to split `paths` when valid_paths is empty."""
+    tokenizer_type: str = "SentencePieceTokenizer"
+    """SentencePieceTokenizer, HuggingFaceTokenizer or ByteTokenizer."""
+    tokenizer_model: str = ""
+    """Path of the .model file or tokenizer folder (unused for ByteTokenizer)."""
+    seq_length: int = 512
+    """Tokens per row, CLS and SEP included."""
+    packing: str = "best_fit"
+    """none (one document per row, padded), concat (back to back) or best_fit (minimal padding)."""
+    mask_prob: float = 0.15
+    """Fraction of tokens selected for prediction."""
+    mask_token_prob: float = 0.8
+    """Of the selected tokens, the fraction replaced by the mask token."""
+    random_token_prob: float = 0.1
+    """Of the selected tokens, the fraction replaced by a random token (the rest stay unchanged)."""
+    whole_word_masking: bool = False
+    """Select whole words (from the _words shard written by preprocess_data --word-boundaries)."""
+    num_workers: int = 1
+    """DataLoader worker processes per rank."""
+
+
+@dataclass
+class TrainConfig:
+    """Length and shape of training."""
+
+    steps: int = 100
+    """Optimizer steps."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step over all data-parallel ranks."""
+    micro_batch_size: int = 4
+    """Sequences per forward pass on one rank; the rest is gradient accumulation."""
+    seed: int = 1234
+    """Seeds initialisation, masking and data order."""
+    precision: str = "fp32"
+    """fp32, or bf16 (bf16 weights/activations, fp32 master weights and gradient accumulation)."""
+    recompute: str = "none"
+    """Activation recomputation: none, selective (core attention) or full (whole blocks)."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule."""
+
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Floor of the decay."""
+    schedule: str = "cosine"
+    """linear, cosine, constant or wsd (warmup-stable-decay with 1-sqrt decay)."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 to lr."""
+    decay_steps: int = 0
+    """wsd only: length of the final decay. 0: 10% of train.steps."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay (never on norms and biases)."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.98
+    """Adam beta2."""
+    eps: float = 1e-6
+    """Adam epsilon."""
+
+
+@dataclass
+class ParallelConfig:
+    """How ranks are split: world = pipeline x data x tensor."""
+
+    tensor: int = 1
+    """Tensor-parallel size (heads, MLP and vocabulary sharded)."""
+    pipeline: int = 1
+    """Pipeline-parallel stages."""
+    virtual_pipeline: int = 1
+    """Model chunks per pipeline rank (interleaved 1F1B when > 1)."""
+    data: int = 0
+    """Data-parallel size. 0: world size / (tensor x pipeline)."""
+    sequence_parallel: bool = False
+    """Shard norm/dropout regions over the sequence within a tensor-parallel group."""
+    zero1: bool = False
+    """Shard optimizer state and fp32 master weights over data-parallel ranks."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Distributed checkpoints."""
+
+    dir: str = ""
+    """Checkpoint directory (iter_XXXXXXX/ folders and `latest`). Empty: RUN_DIR/checkpoints."""
+    interval: int = 0
+    """Save every N steps (and at the end); 0: only at the end."""
+    keep: int = 2
+    """Keep the last N checkpoints; 0 keeps all."""
+    load: str = ""
+    """Start from this checkpoint (a new phase) instead of resuming from dir/latest."""
+
+
+@dataclass
+class RunConfig:
+    """Where outputs go."""
+
+    dir: str = "runs/default"
+    """Run directory: metrics.jsonl, TensorBoard events, config copy."""
+
+
+@dataclass
+class LogConfig:
+    """Console and metrics logging."""
+
+    interval: int = 10
+    """Log every N steps."""
+
+
+@dataclass
+class EvalConfig:
+    """Periodic validation."""
+
+    interval: int = 0
+    """Validate every N steps; 0 disables."""
+    steps: int = 10
+    """Micro-batches per validation."""
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+# ----------------------------------------------------------------------------- building from dicts
+
+
+def _section_class(name: str):
+    return typing.get_type_hints(Config)[name]
+
+
+def _coerce(value, typ, key: str, source: str):
+    """Turn a YAML or command-line value into the field's type, or explain why it can't be."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{source}: {key} = {value!r} is not a valid {typ.__name__}")
+
+
+def _unknown_key(key: str, valid, source: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+    return ConfigError(f"{source}: unknown key {key!r}{hint}")
+
+
+def _build_section(cls, values: dict, section: str, source: str):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise _unknown_key(f"{section}.{key}", [f"{section}.{k}" for k in hints], source)
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}", source)
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: dict, source: str = "config") -> Config:
+    """Build a Config from nested dicts (as parsed from YAML), applying the model preset."""
+    from megatron_jp.models.presets import preset_fields  # presets import this module
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    sections = {}
+    for name, values in raw.items():
+        if name not in SECTIONS:
+            raise _unknown_key(name, SECTIONS, source)
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {name!r} must be a mapping of keys, got {values!r}")
+        sections[name] = dict(values)
+    model = sections.get("model", {})
+    if model.get("preset"):
+        sections["model"] = {**preset_fields(str(model["preset"]), source), **model}
+    built = {name: _build_section(_section_class(name), sections.get(name, {}), name, source)
+             for name in SECTIONS}
+    return Config(**built)
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """`--section.key VALUE` / `--section.key=VALUE` pairs -> nested dict of raw strings."""
+    nested: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise ConfigError(f"command line: expected --section.key VALUE, got {arg!r}")
+        if "=" in arg:
+            dotted, value = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"command line: {arg} needs a value")
+            dotted, value = arg[2:], args[i + 1]
+            i += 2
+        section, _, key = dotted.partition(".")
+        nested.setdefault(section, {})[key] = value
+    return nested
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (safe_load), apply command-line overrides, validate what needs no world size."""
+    raw: dict = {}
+    source = "command line"
+    if path:
+        source = str(path)
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, ...)")
+    for section, values in parse_overrides(overrides or []).items():
+        if section in raw and not isinstance(raw[section], dict):
+            raise ConfigError(f"{source}: section {section!r} must be a mapping")
+        raw.setdefault(section, {})
+        raw[section] = {**(raw[section] or {}), **values}
+    cfg = config_from_dict(raw, source)
+    validate(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _check(ok: bool, message: str):
+    if not ok:
+        raise ConfigError(message)
+
+
+def _choice(value: str, key: str, choices):
+    _check(value in choices, f"{key} = {value!r}; choose one of {', '.join(choices)}")
+
+
+def validate_model(m: ModelConfig, tensor: int = 1, pipeline: int = 1, virtual: int = 1):
+    _choice(m.activation, "model.activation", ("gelu", "swiglu", "geglu", "geglu_tanh"))
+    _choice(m.norm, "model.norm", ("rmsnorm", "layernorm"))
+    _choice(m.norm_position, "model.norm_position", ("pre", "post"))
+    _choice(m.position_embedding, "model.position_embedding", ("rope", "learned"))
+    _choice(m.head_type, "model.head_type", ("linear", "transform"))
+    for key in ("hidden_size", "num_layers", "num_heads", "ffn_hidden_size", "max_position_embeddings"):
+        _check(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
+    _check(m.head_dim > 0 or m.hidden_size % m.num_heads == 0,
+           f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads}); "
+           f"change one of them or set model.head_dim explicitly")
+    _check(m.num_heads % m.n_kv_heads == 0,
+           f"model.num_heads ({m.num_heads}) must be a multiple of model.num_kv_heads ({m.n_kv_heads})")
+    _check(m.position_embedding != "rope" or m.dim_per_head % 2 == 0,
+           f"RoPE needs an even head size; model.head_dim is {m.dim_per_head}")
+    _check(m.sliding_window >= 0 and m.sliding_window % 2 == 0,
+           f"model.sliding_window ({m.sliding_window}) is a total window (e.g. 128 = +-64 tokens): "
+           f"use an even number, or 0 for global attention everywhere")
+    _check(m.global_attn_every_n_layers >= 1, "model.global_attn_every_n_layers must be >= 1")
+    _check(m.sliding_window > 0 or m.global_attn_every_n_layers == 1,
+           f"model.global_attn_every_n_layers = {m.global_attn_every_n_layers} asks for local layers "
+           f"but model.sliding_window is 0; set model.sliding_window (e.g. 128)")
+    _check(m.vocab_size >= 0, "model.vocab_size must be >= 0 (0 takes the tokenizer's size)")
+    _check(m.type_vocab_size >= 0, "model.type_vocab_size must be >= 0")
+    validate_model_parallel(m, tensor, pipeline, virtual)
+
+
+def validate_model_parallel(m: ModelConfig, tensor: int, pipeline: int, virtual: int):
+    _check(m.num_heads % tensor == 0,
+           f"model.num_heads ({m.num_heads}) must be divisible by parallel.tensor ({tensor})")
+    kv = m.n_kv_heads
+    _check(kv % tensor == 0 or tensor % kv == 0,
+           f"model.num_kv_heads ({kv}) and parallel.tensor ({tensor}) must divide one another")
+    _check(m.ffn_hidden_size % tensor == 0,
+           f"model.ffn_hidden_size ({m.ffn_hidden_size}) must be divisible by parallel.tensor ({tensor})")
+    _check(m.vocab_size % tensor == 0,
+           f"model.vocab_size ({m.vocab_size}) must be divisible by parallel.tensor ({tensor}); "
+           f"set model.vocab_size to a multiple, or 0 to pad the tokenizer's size automatically")
+    chunks = pipeline * virtual
+    _check(m.num_layers % chunks == 0,
+           f"model.num_layers ({m.num_layers}) must be divisible by parallel.pipeline x "
+           f"parallel.virtual_pipeline ({pipeline} x {virtual} = {chunks})")
+
+
+def validate(cfg: Config, world_size: int | None = None):
+    """Everything checkable before a process group exists; pass world_size to check the layout too."""
+    p = cfg.parallel
+    for key in ("tensor", "pipeline", "virtual_pipeline"):
+        _check(getattr(p, key) >= 1, f"parallel.{key} must be >= 1, got {getattr(p, key)}")
+    _check(p.virtual_pipeline == 1 or p.pipeline > 1,
+           "parallel.virtual_pipeline > 1 needs parallel.pipeline > 1")
+    validate_model(cfg.model, p.tensor, p.pipeline, p.virtual_pipeline)
+    validate_training(cfg)
+    if world_size is not None:
+        validate_layout(cfg, world_size)
+
+
+def validate_training(cfg: Config):
+    d, t, o = cfg.data, cfg.train, cfg.optim
+    _choice(d.packing, "data.packing", ("none", "concat", "best_fit"))
+    _choice(d.tokenizer_type, "data.tokenizer_type",
+            ("SentencePieceTokenizer", "HuggingFaceTokenizer", "ByteTokenizer"))
+    _check(0.0 < d.mask_prob < 1.0, f"data.mask_prob ({d.mask_prob}) must be in (0, 1)")
+    _check(d.mask_token_prob >= 0 and d.random_token_prob >= 0
+           and d.mask_token_prob + d.random_token_prob <= 1.0,
+           "data.mask_token_prob + data.random_token_prob must lie in [0, 1] (80/10/10 is 0.8 and 0.1)")
+    _check(d.seq_length >= 8, f"data.seq_length ({d.seq_length}) must be >= 8")
+    _check(cfg.model.position_embedding != "learned" or d.seq_length <= cfg.model.max_position_embeddings,
+           f"data.seq_length ({d.seq_length}) exceeds model.max_position_embeddings "
+           f"({cfg.model.max_position_embeddings}) of the learned position table")
+    _choice(t.precision, "train.precision", ("fp32", "bf16"))
+    _choice(t.recompute, "train.recompute", ("none", "selective", "full"))
+    _check(t.steps >= 1, "train.steps must be >= 1")
+    _check(t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1")
+    _check(t.global_batch_size % t.micro_batch_size == 0,
+           f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+           f"train.micro_batch_size ({t.micro_batch_size})")
+    _choice(o.schedule, "optim.schedule", ("linear", "cosine", "constant", "wsd"))
+    _check(o.lr > 0 and 0 <= o.min_lr <= o.lr, f"need 0 <= optim.min_lr ({o.min_lr}) <= optim.lr ({o.lr})")
+    _check(0 <= o.warmup_steps <= t.steps,
+           f"optim.warmup_steps ({o.warmup_steps}) must lie in [0, train.steps ({t.steps})]")
+
+
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    model_parallel = cfg.parallel.tensor * cfg.parallel.pipeline
+    return cfg.parallel.data or max(world_size // model_parallel, 1)
+
+
+def validate_layout(cfg: Config, world_size: int):
+    p, t = cfg.parallel, cfg.train
+    mp = p.tensor * p.pipeline
+    _check(world_size % mp == 0,
+           f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline "
+           f"({p.tensor} x {p.pipeline} = {mp}); launch a multiple of {mp} processes")
+    dp = data_parallel_size(cfg, world_size)
+    _check(p.data in (0, world_size // mp),
+           f"parallel.data ({p.data}) does not match world size {world_size} / {mp} = {world_size // mp}; "
+           f"set parallel.data to 0 to derive it")
+    _check(t.global_batch_size % (t.micro_batch_size * dp) == 0,
+           f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+           f"train.micro_batch_size x data-parallel size ({t.micro_batch_size} x {dp})")
+
+
+# ----------------------------------------------------------------------------- documentation
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each field of a dataclass, read from its source."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def describe() -> str:
+    """Every section and key with its default and docstring (printed by `train --help-config`)."""
+    lines = []
+    for name in SECTIONS:
+        cls = _section_class(name)
+        lines.append(f"{name}:  # {cls.__doc__}")
+        defaults = cls()
+        for key, doc in field_docs(cls).items():
+            lines.append(f"  {key}: {getattr(defaults, key)!r}  # {doc}")
+    return "\n".join(lines)

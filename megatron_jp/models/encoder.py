@@ -1,0 +1,264 @@
+"""The encoder: one readable implementation of every seed architecture.
+
+Llama-style bidirectional encoders (RMSNorm, RoPE, SwiGLU, GQA, optional QKV bias), ModernBERT
+(embedding norm, local/global attention with per-layer RoPE theta, GeGLU, dense->act->norm head) and
+classic BERT (learned positions, token types, post-norm, GELU) are all this file with different
+ModelConfig fields. It holds architecture only: tensor/pipeline parallelism swap or remove modules
+from outside (megatron_jp.parallel), so nothing here knows about process groups.
+
+A batch row may pack several documents: `segment_ids` numbers them (0 = padding), attention never
+crosses a segment and positions restart at each document. With `labels`, only the masked positions
+reach the MLM head (sparse prediction): a [batch, seq, vocab] tensor is never built.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_jp.config import ModelConfig
+from megatron_jp.ops.glu import glu
+from megatron_jp.ops.qkv_rope import qkv_rope
+
+IGNORE_INDEX = -100
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.norm_bias)
+
+
+def positions_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Position of each token within its document: 0 at every change of segment id."""
+    S = segment_ids.shape[1]
+    index = torch.arange(S, device=segment_ids.device).expand_as(segment_ids)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    start_index = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - start_index
+
+
+@dataclass
+class AttentionContext:
+    """What every layer needs about the batch layout, built once per forward."""
+
+    positions: torch.Tensor  # (B, S) position of each token inside its document
+    segment_ids: torch.Tensor | None  # (B, S) or None when every row is one unpadded document
+
+    def mask(self, window: int) -> torch.Tensor | None:
+        """(B, 1, S, S) bool: True where a query may attend to a key (same document, within window)."""
+        if self.segment_ids is None and window == 0:
+            return None  # full attention: SDPA's fastest path
+        B, S = self.positions.shape
+        allowed = torch.ones(B, 1, S, S, dtype=torch.bool, device=self.positions.device)
+        if self.segment_ids is not None:
+            seg = self.segment_ids
+            allowed = allowed & (seg[:, None, :, None] == seg[:, None, None, :])
+        if window:
+            idx = torch.arange(S, device=self.positions.device)
+            allowed = allowed & ((idx[:, None] - idx[None, :]).abs() <= window // 2)
+        return allowed
+
+    @classmethod
+    def build(cls, input_shape, device, segment_ids=None, position_ids=None) -> "AttentionContext":
+        B, S = input_shape
+        if position_ids is None:
+            if segment_ids is not None:
+                position_ids = positions_from_segments(segment_ids)
+            else:
+                position_ids = torch.arange(S, device=device).expand(B, S)
+        return cls(positions=position_ids, segment_ids=segment_ids)
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.pos = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size) \
+            if cfg.position_embedding == "learned" else None
+        self.types = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size) if cfg.type_vocab_size else None
+        self.norm = make_norm(cfg) if cfg.embedding_norm else None
+        self.drop = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, input_ids, positions, token_type_ids=None):
+        h = self.tok(input_ids)  # (B, S, H)
+        if self.pos is not None:
+            h = h + self.pos(positions)
+        if self.types is not None:
+            # BERT adds the type-0 row when no token types are given
+            types = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
+            h = h + self.types(types)
+        if self.norm is not None:
+            h = self.norm(h)
+        return self.drop(h)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_heads, cfg.n_kv_heads, cfg.dim_per_head
+        qkv_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+        self.qkv = nn.Linear(cfg.hidden_size, qkv_out, bias=cfg.qkv_bias)  # [all q; all k; all v]
+        self.out = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.attn_out_bias)
+        self.rope = cfg.position_embedding == "rope"
+        self.theta = cfg.layer_theta(layer)
+        self.window = 0 if cfg.is_global_layer(layer) else cfg.sliding_window
+        self.dropout = cfg.attention_dropout
+
+    def forward(self, x, ctx: AttentionContext, mask):
+        B, S, _ = x.shape
+        # the fused op adds the bias, splits heads and rotates q and k in one pass
+        q, k, v = qkv_rope(F.linear(x, self.qkv.weight), self.qkv.bias,
+                           ctx.positions if self.rope else None, self.theta,
+                           self.n_heads, self.n_kv_heads, self.head_dim)  # (B, heads, S, D)
+        y = self.core_attention(q, k, v, mask)
+        return self.out(y.transpose(1, 2).reshape(B, S, -1))
+
+    def core_attention(self, q, k, v, mask):
+        # GQA: SDPA broadcasts the shared K/V heads instead of materialising repeats
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        width = cfg.ffn_hidden_size * (2 if cfg.gated else 1)
+        self.fc1 = nn.Linear(cfg.hidden_size, width, bias=cfg.mlp_bias)  # gated: [activated; linear]
+        self.fc2 = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.activation = cfg.activation
+
+    def forward(self, x):
+        h = self.fc1(x)
+        h = F.gelu(h) if self.activation == "gelu" else glu(h, self.activation)
+        return self.fc2(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        skip_attn_norm = layer == 0 and not cfg.first_layer_attn_norm
+        self.attn_norm = nn.Identity() if skip_attn_norm else make_norm(cfg)
+        self.attn = Attention(cfg, layer)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.hidden_dropout)
+        self.pre_norm = cfg.norm_position == "pre"
+
+    def forward(self, h, ctx: AttentionContext, masks: dict):
+        mask = masks[self.attn.window]
+        if self.pre_norm:
+            h = h + self.drop(self.attn(self.attn_norm(h), ctx, mask))
+            return h + self.drop(self.mlp(self.mlp_norm(h)))
+        h = self.attn_norm(h + self.drop(self.attn(h, ctx, mask)))
+        return self.mlp_norm(h + self.drop(self.mlp(h)))
+
+
+class MLMHead(nn.Module):
+    """linear: decoder only (EuroBERT); transform: dense -> act -> norm -> decoder (BERT, ModernBERT)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.transform = cfg.head_type == "transform"
+        if self.transform:
+            self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.head_bias)
+            self.norm = make_norm(cfg)
+        self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.decoder_bias)
+
+    def forward(self, h):
+        if self.transform:
+            h = self.norm(F.gelu(self.dense(h)))
+        return self.decoder(h)
+
+
+@dataclass
+class MLMOutput:
+    logits: torch.Tensor  # (N, V) at the N predicted positions, or (B, S, V) without labels
+    targets: torch.Tensor | None  # (N,) original ids at those positions
+    hidden: torch.Tensor | None = None  # (B, S, H) when the head is absent (inner pipeline stages)
+
+
+class Encoder(nn.Module):
+    """Embeddings -> blocks -> final norm -> MLM head. Pipeline stages keep a slice: `embeddings`,
+    `final_norm` or `head` may be None, and `layers` a subset (keys are global layer numbers)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("ModelConfig.vocab_size must be set (resolve it from the tokenizer first)")
+        self.cfg = cfg
+        self.embeddings = Embeddings(cfg)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.num_layers)})
+        self.final_norm = make_norm(cfg) if cfg.final_norm else None
+        self.head = MLMHead(cfg)
+        if cfg.tie_embeddings:
+            self.head.decoder.weight = self.embeddings.tok.weight
+
+    def forward(self, input_ids, labels=None, segment_ids=None, position_ids=None, token_type_ids=None,
+                hidden_states=None) -> MLMOutput:
+        """input_ids (B, S); labels (B, S) with IGNORE_INDEX where nothing is predicted.
+        Stages without embeddings take `hidden_states` (B, S, H) from the previous stage instead."""
+        ctx = AttentionContext.build(input_ids.shape, input_ids.device, segment_ids, position_ids)
+        masks = {w: ctx.mask(w) for w in {layer.attn.window for layer in self.layers.values()}}
+        h = self.embeddings(input_ids, ctx.positions, token_type_ids) if self.embeddings else hidden_states
+        for layer in self.layers.values():
+            h = layer(h, ctx, masks)  # (B, S, H)
+        if self.final_norm is not None:
+            h = self.final_norm(h)
+        if self.head is None:
+            return MLMOutput(logits=None, targets=None, hidden=h)
+        if labels is None:
+            return MLMOutput(logits=self.head(h), targets=None)
+        predicted = labels != IGNORE_INDEX
+        return MLMOutput(logits=self.head(h[predicted]), targets=labels[predicted])  # (N, V), (N,)
+
+
+def masked_lm_loss(output: MLMOutput, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy over the predicted positions, in fp32 whatever the logits' dtype."""
+    return F.cross_entropy(output.logits.float(), output.targets, reduction=reduction)
+
+
+# ----------------------------------------------------------------------------- initialisation
+
+
+def _is_output_projection(name: str) -> bool:
+    return name.endswith("attn.out.weight") or name.endswith("mlp.fc2.weight")
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, cfg: ModelConfig, seed: int):
+    """Initialise every parameter from its own generator seeded by (seed, name).
+
+    The value of a parameter then depends on nothing but its name, so a model split across pipeline
+    stages, or built whole and sharded afterwards, starts bit-identical to the single-process one.
+    """
+    out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+    for name, param in model.named_parameters():
+        if name.endswith("bias"):
+            param.zero_()
+        elif param.dim() == 1:  # norm scales
+            param.fill_(1.0)
+        else:
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            std = out_std if _is_output_projection(name) else cfg.init_std
+            param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float32) * std)
+
+
+def build_encoder(cfg: ModelConfig, seed: int = 0, device="cpu", dtype=torch.float32) -> Encoder:
+    """A full model, initialised on `device` (on "meta" it only has shapes, for counting)."""
+    with torch.device("meta"):
+        model = Encoder(cfg)
+    if str(device) == "meta":
+        return model
+    model = model.to_empty(device="cpu")
+    if cfg.tie_embeddings:  # to_empty breaks the sharing: restore it
+        model.head.decoder.weight = model.embeddings.tok.weight
+    init_weights(model, cfg, seed)
+    return model.to(device=device, dtype=dtype)

@@ -486,6 +486,18 @@ def validate_training(cfg: Config):
            f"optim.warmup_steps ({o.warmup_steps}) must lie in [0, train.steps ({t.steps})]")
 
 
+def padded_vocab_size(tokenizer_vocab: int, m: ModelConfig, tensor: int = 1) -> int:
+    """The tokenizer's vocabulary rounded up so every tensor-parallel shard is a multiple of the pad."""
+    multiple = m.make_vocab_size_divisible_by * tensor
+    return -(-tokenizer_vocab // multiple) * multiple
+
+
+def check_vocab(m: ModelConfig, tokenizer_vocab: int, source: str):
+    _check(m.vocab_size >= tokenizer_vocab,
+           f"model.vocab_size ({m.vocab_size}) is smaller than the vocabulary of {source} ({tokenizer_vocab}); "
+           f"raise it, or set it to 0 to take the tokenizer's size")
+
+
 def data_parallel_size(cfg: Config, world_size: int) -> int:
     model_parallel = cfg.parallel.tensor * cfg.parallel.pipeline
     return cfg.parallel.data or max(world_size // model_parallel, 1)

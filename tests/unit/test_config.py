@@ -1,0 +1,91 @@
+"""Configs are read from YAML and the command line, and bad ones are refused naming the key."""
+
+import dataclasses
+
+import pytest
+import yaml
+
+from megatron_jp.config import Config, ConfigError, describe, field_docs, load_config, validate
+from megatron_jp.config import ModelConfig, padded_vocab_size
+
+
+def write_yaml(tmp_path, data) -> str:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_yaml_then_overrides_then_preset_resolve_in_order(tmp_path):
+    path = write_yaml(tmp_path, {"model": {"preset": "tiny", "num_layers": 2}, "train": {"steps": 7}})
+    cfg = load_config(path, ["--train.steps", "9", "--optim.lr=3e-4", "--parallel.zero1", "true"])
+    assert cfg.model.num_layers == 2  # YAML beats the preset
+    assert cfg.model.num_kv_heads == 2  # from the preset
+    assert cfg.train.steps == 9 and cfg.optim.lr == 3e-4 and cfg.parallel.zero1 is True
+
+
+def test_every_field_has_a_docstring():
+    for name, section in vars(Config()).items():
+        fields = {f.name for f in dataclasses.fields(section)}
+        assert fields == set(field_docs(type(section))), f"{name}: undocumented fields"
+    assert "  preset: ''  # Name of a preset" in describe()
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["--model.presett", "tiny"], "model.preset"),
+    (["--trian.steps", "3"], "train"),
+    (["--optim.warmup_step", "1"], "optim.warmup_steps"),
+])
+def test_unknown_keys_are_refused_with_the_closest_names(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["--model.preset", "tiny", "--model.hidden_size", "66", "--model.num_heads", "4"], "model.hidden_size"),
+    (["--model.preset", "tiny", "--model.num_kv_heads", "3"], "model.num_kv_heads"),
+    (["--model.preset", "tiny-modernbert", "--model.sliding_window", "0"], "model.sliding_window"),
+    (["--model.preset", "tiny-modernbert", "--model.sliding_window", "15"], "model.sliding_window"),
+    (["--model.preset", "tiny", "--parallel.tensor", "8"], "parallel.tensor"),
+    (["--model.preset", "tiny", "--parallel.pipeline", "3"], "parallel.pipeline"),
+    (["--model.preset", "tiny", "--model.vocab_size", "1001", "--parallel.tensor", "2"], "model.vocab_size"),
+    (["--model.preset", "tiny", "--model.activation", "relu"], "model.activation"),
+    (["--model.preset", "nope"], "model.preset"),
+    (["--train.steps", "ten"], "train.steps"),
+    (["--train.global_batch_size", "6", "--train.micro_batch_size", "4"], "train.global_batch_size"),
+    (["--data.packing", "greedy"], "data.packing"),
+    (["--data.mask_prob", "1.5"], "data.mask_prob"),
+    (["--optim.min_lr", "1", "--optim.lr", "0.1"], "optim.min_lr"),
+    (["--model.position_embedding", "learned", "--model.max_position_embeddings", "128",
+      "--data.seq_length", "512"], "model.max_position_embeddings"),
+])
+def test_bad_values_are_refused_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, overrides)
+
+
+def test_layout_is_checked_against_the_world_size():
+    cfg = load_config(None, ["--parallel.tensor", "2", "--train.global_batch_size", "8",
+                             "--train.micro_batch_size", "4"])
+    validate(cfg, world_size=4)  # dp = 2, 8 = 4 x 2
+    with pytest.raises(ConfigError, match="world size 3"):
+        validate(cfg, world_size=3)
+    with pytest.raises(ConfigError, match="train.global_batch_size"):
+        validate(cfg, world_size=8)  # dp = 4 needs a multiple of 16
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="section 'model' must be a mapping"):
+        load_config(write_yaml(tmp_path, {"model": 3}))
+
+
+def test_tokenizer_vocabulary_is_padded_for_tensor_parallel_shards():
+    m = ModelConfig()
+    assert padded_vocab_size(32000, m, tensor=1) == 32000
+    assert padded_vocab_size(32001, m, tensor=1) == 32128
+    assert padded_vocab_size(32001, m, tensor=4) == 32256 and 32256 % (128 * 4) == 0

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create (or reuse) a virtual environment with megatron_jp installed in editable mode.
+#   VENV=path      where to put it (default .venv)
+#   KEEP_TORCH=1   keep the torch already installed (GPU clusters); otherwise the CPU build 2.13.0
+#                  is pinned, because an unpinned torch pulls a multi-GB CUDA wheel.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+# quiet pip, minus one harmless warning this machine's pip config prints per package; keeps pip's status
+pip() { python -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
+if [ "${KEEP_TORCH:-0}" != "1" ]; then
+  pip install "torch==2.13.0"
+fi
+pip install -e ".[test]"
+python -c "import megatron_jp, torch; print(f'megatron_jp {megatron_jp.__version__} with torch {torch.__version__}')"

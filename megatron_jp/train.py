@@ -46,11 +46,12 @@ def resolve_vocab(cfg: Config, require_tokenizer: bool = True) -> None:
     if m.vocab_size == 0 and needs_file and not os.path.exists(d.tokenizer_model):
         raise ConfigError(f"model.vocab_size is 0 (take it from the tokenizer) but data.tokenizer_model "
                           f"({d.tokenizer_model or 'empty'}) does not exist: set it, or model.vocab_size")
-    if m.vocab_size and needs_file and not os.path.exists(d.tokenizer_model):
-        if require_tokenizer:
+    if m.vocab_size and not (needs_file and os.path.exists(d.tokenizer_model)):
+        if require_tokenizer and needs_file:
             raise ConfigError(f"data.tokenizer_model {d.tokenizer_model or '(empty)'} does not exist")
-        print(f"note: tokenizer {d.tokenizer_model or '(none)'} not found; vocabulary check skipped")
-        return
+        if not require_tokenizer:
+            print(f"note: tokenizer {d.tokenizer_model or d.tokenizer_type} not loaded; vocabulary check skipped")
+            return
     from megatron_jp.data.tokenizers import build_tokenizer
 
     tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 import yaml
 
 from megatron_jp.config import Config, ConfigError, config_from_dict
@@ -112,8 +113,9 @@ def load_model_state(path: str | os.PathLike) -> tuple[Config, dict[str, torch.T
         state.pop(MODEL_PREFIX + "head.decoder.weight")
     try:
         dcp.load(state, checkpoint_id=str(iter_dir), no_dist=True)
-    except Exception as e:  # DCP raises several types for missing/truncated shards
-        raise CheckpointError(f"{iter_dir}: cannot read the model weights ({type(e).__name__}: {e})") from None
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        raise CheckpointError(f"{iter_dir}: cannot read the model weights, a shard is missing or truncated "
+                              f"({type(e).__name__}); use an earlier iteration folder") from None
     model = {k[len(MODEL_PREFIX):]: v for k, v in state.items()}
     if cfg.model.tie_embeddings:
         model["head.decoder.weight"] = model["embeddings.tok.weight"]

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The main job of the README: set up .venv (CPU torch), then run examples/quickstart.py.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tools/setup_venv.sh
+# shellcheck disable=SC1091
+. "${VENV:-.venv}/bin/activate"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+python examples/quickstart.py "$@"

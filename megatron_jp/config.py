@@ -97,6 +97,9 @@ class ModelConfig:
     """Dropout on attention probabilities."""
     init_std: float = 0.02
     """Std of the normal initialisation; output projections use init_std / sqrt(2 * num_layers)."""
+    attention_backend: str = "auto"
+    """sdpa (dense boolean masks), flex (block-sparse masks; CUDA training) or auto: flex on CUDA when
+    windows or packed documents make the mask sparse, sdpa otherwise."""
 
     @property
     def n_kv_heads(self) -> int:
@@ -409,6 +412,7 @@ def validate_model(m: ModelConfig, tensor: int = 1, pipeline: int = 1, virtual: 
     _choice(m.norm_position, "model.norm_position", ("pre", "post"))
     _choice(m.position_embedding, "model.position_embedding", ("rope", "learned"))
     _choice(m.head_type, "model.head_type", ("linear", "transform"))
+    _choice(m.attention_backend, "model.attention_backend", ("auto", "sdpa", "flex"))
     for key in ("hidden_size", "num_layers", "num_heads", "ffn_hidden_size", "max_position_embeddings"):
         _check(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
     _check(m.head_dim > 0 or m.hidden_size % m.num_heads == 0,

@@ -13,6 +13,7 @@ reach the MLM head (sparse prediction): a [batch, seq, vocab] tensor is never bu
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from dataclasses import dataclass
@@ -20,12 +21,21 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from megatron_jp.config import ModelConfig
 from megatron_jp.ops.glu import glu
 from megatron_jp.ops.qkv_rope import qkv_rope
 
 IGNORE_INDEX = -100
+
+
+@functools.cache
+def compiled_flex_attention():
+    """flex_attention is fast only compiled; eager runs (CPU, tests) use its reference path."""
+    if not torch.cuda.is_available():
+        return flex_attention
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -50,11 +60,15 @@ class AttentionContext:
 
     positions: torch.Tensor  # (B, S) position of each token inside its document
     segment_ids: torch.Tensor | None  # (B, S) or None when every row is one unpadded document
+    backend: str = "sdpa"  # "flex": block-sparse masks, whose empty blocks are skipped on GPU
 
-    def mask(self, window: int) -> torch.Tensor | None:
-        """(B, 1, S, S) bool: True where a query may attend to a key (same document, within window)."""
+    def mask(self, window: int):
+        """Where a query may attend to a key (same document, within window): None for everywhere,
+        a (B, 1, S, S) bool tensor for SDPA, or a BlockMask for flex_attention."""
         if self.segment_ids is None and window == 0:
             return None  # full attention: SDPA's fastest path
+        if self.backend == "flex":
+            return self.block_mask(window)
         B, S = self.positions.shape
         allowed = torch.ones(B, 1, S, S, dtype=torch.bool, device=self.positions.device)
         if self.segment_ids is not None:
@@ -65,15 +79,30 @@ class AttentionContext:
             allowed = allowed & ((idx[:, None] - idx[None, :]).abs() <= window // 2)
         return allowed
 
+    def block_mask(self, window: int):
+        B, S = self.positions.shape
+        seg = self.segment_ids
+
+        def allowed(b, h, q, k):
+            ok = seg[b, q] == seg[b, k] if seg is not None else q >= 0
+            return ok & ((q - k).abs() <= window // 2) if window else ok
+
+        return create_block_mask(allowed, B if seg is not None else None, None, S, S,
+                                 device=self.positions.device)
+
     @classmethod
-    def build(cls, input_shape, device, segment_ids=None, position_ids=None) -> "AttentionContext":
+    def build(cls, input_shape, device, segment_ids=None, position_ids=None,
+              backend: str = "auto", windowed: bool = False) -> "AttentionContext":
         B, S = input_shape
         if position_ids is None:
             if segment_ids is not None:
                 position_ids = positions_from_segments(segment_ids)
             else:
                 position_ids = torch.arange(S, device=device).expand(B, S)
-        return cls(positions=position_ids, segment_ids=segment_ids)
+        if backend == "auto":  # flex pays where masks are sparse and it can be compiled with backward
+            sparse = windowed or segment_ids is not None
+            backend = "flex" if sparse and torch.device(device).type == "cuda" else "sdpa"
+        return cls(positions=position_ids, segment_ids=segment_ids, backend=backend)
 
 
 class Embeddings(nn.Module):
@@ -121,7 +150,9 @@ class Attention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(B, S, -1))
 
     def core_attention(self, q, k, v, mask):
-        # GQA: SDPA broadcasts the shared K/V heads instead of materialising repeats
+        # GQA: both kernels broadcast the shared K/V heads instead of materialising repeats
+        if isinstance(mask, BlockMask):
+            return compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_heads != self.n_heads)
@@ -205,8 +236,10 @@ class Encoder(nn.Module):
                 hidden_states=None) -> MLMOutput:
         """input_ids (B, S); labels (B, S) with IGNORE_INDEX where nothing is predicted.
         Stages without embeddings take `hidden_states` (B, S, H) from the previous stage instead."""
-        ctx = AttentionContext.build(input_ids.shape, input_ids.device, segment_ids, position_ids)
-        masks = {w: ctx.mask(w) for w in {layer.attn.window for layer in self.layers.values()}}
+        windows = {layer.attn.window for layer in self.layers.values()}
+        ctx = AttentionContext.build(input_ids.shape, input_ids.device, segment_ids, position_ids,
+                                     self.cfg.attention_backend, windowed=any(windows))
+        masks = {w: ctx.mask(w) for w in windows}
         h = self.embeddings(input_ids, ctx.positions, token_type_ids) if self.embeddings else hidden_states
         for layer in self.layers.values():
             h = layer(h, ctx, masks)  # (B, S, H)

@@ -6,6 +6,8 @@ fp32 reordering costs ~1e-6, so 1e-4 leaves room while still catching any wrong 
 gate/up, a missing bias or a wrong RoPE theta moves logits by > 1e-2).
 """
 
+import dataclasses
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -114,3 +116,20 @@ def test_hf_to_ours_to_hf_round_trip_reproduces_every_tensor(name, tmp_path):
     assert set(before) == set(after)
     for key in before:
         assert torch.equal(before[key], after[key]), key
+
+
+@pytest.mark.parametrize("name", ["modernbert", "eurobert"])
+def test_flex_attention_block_masks_match_dense_masks(name):
+    """The flex path (used on CUDA) against SDPA with dense masks; forward only, since flex has no CPU
+    backward. Same math, different reduction order: 1e-5 in fp32."""
+    cfg = CONFIGS[name]
+    sdpa = build_encoder(cfg, seed=3).eval()
+    flex = build_encoder(dataclasses.replace(cfg, attention_backend="flex"), seed=3).eval()
+    ids, mask = padded_batch([40, 25, 33])
+    segments = mask.clone()
+    segments[0, 20:] = 2  # two packed documents in the first row
+    with torch.no_grad():
+        expected = sdpa(ids, segment_ids=segments).logits
+        got = flex(ids, segment_ids=segments).logits
+    real = segments > 0
+    torch.testing.assert_close(got[real], expected[real], rtol=0, atol=1e-5)

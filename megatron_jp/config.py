@@ -148,6 +148,11 @@ class DataConfig:
     """Of the selected tokens, the fraction replaced by a random token (the rest stay unchanged)."""
     whole_word_masking: bool = False
     """Select whole words (from the _words shard written by preprocess_data --word-boundaries)."""
+    seq_length_stages: str = ""
+    """Sequence-length curriculum "STEP:LENGTH,...", e.g. "0:128,31000:256,250000:512" (RetrievaBERT).
+    Empty: seq_length throughout."""
+    mask_prob_stages: str = ""
+    """Mask-rate curriculum "STEP:RATE,...", e.g. "0:0.5,200000:0.3" (byBERT). Empty: mask_prob."""
     num_workers: int = 1
     """DataLoader worker processes per rank."""
 
@@ -168,6 +173,9 @@ class TrainConfig:
     """fp32, or bf16 (bf16 weights/activations, fp32 master weights and gradient accumulation)."""
     recompute: str = "none"
     """Activation recomputation: none, selective (core attention) or full (whole blocks)."""
+    rampup_batch_size: str = ""
+    """Global batch-size ramp-up "START INCREMENT STEPS": from START, growing by INCREMENT in equal
+    stages until global_batch_size is reached at step STEPS. Empty: no ramp-up."""
 
 
 @dataclass
@@ -484,6 +492,7 @@ def validate_training(cfg: Config):
     _check(t.global_batch_size % t.micro_batch_size == 0,
            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
            f"train.micro_batch_size ({t.micro_batch_size})")
+    validate_curricula(cfg)
     _choice(o.schedule, "optim.schedule", ("linear", "cosine", "constant", "wsd"))
     _check(o.lr > 0 and 0 <= o.min_lr <= o.lr, f"need 0 <= optim.min_lr ({o.min_lr}) <= optim.lr ({o.lr})")
     _check(0 <= o.warmup_steps <= t.steps,
@@ -500,6 +509,22 @@ def check_vocab(m: ModelConfig, tokenizer_vocab: int, source: str):
     _check(m.vocab_size >= tokenizer_vocab,
            f"model.vocab_size ({m.vocab_size}) is smaller than the vocabulary of {source} ({tokenizer_vocab}); "
            f"raise it, or set it to 0 to take the tokenizer's size")
+
+
+def validate_curricula(cfg: Config):
+    from megatron_jp.training.schedules import parse_rampup, parse_stages  # schedules import this module
+
+    d = cfg.data
+    for _, length in parse_stages(d.seq_length_stages, "data.seq_length_stages", int):
+        _check(8 <= length and (cfg.model.position_embedding != "learned"
+                                or length <= cfg.model.max_position_embeddings),
+               f"data.seq_length_stages: length {length} must be >= 8 and fit model.max_position_embeddings")
+    for _, rate in parse_stages(d.mask_prob_stages, "data.mask_prob_stages"):
+        _check(0.0 < rate < 1.0, f"data.mask_prob_stages: rate {rate} must be in (0, 1)")
+    rampup = parse_rampup(cfg.train.rampup_batch_size)
+    _check(rampup is None or (rampup[0] % cfg.train.micro_batch_size == 0
+                              and rampup[1] % cfg.train.micro_batch_size == 0),
+           "train.rampup_batch_size: START and INCREMENT must be multiples of train.micro_batch_size")
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:

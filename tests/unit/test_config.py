@@ -89,3 +89,13 @@ def test_tokenizer_vocabulary_is_padded_for_tensor_parallel_shards():
     assert padded_vocab_size(32000, m, tensor=1) == 32000
     assert padded_vocab_size(32001, m, tensor=1) == 32128
     assert padded_vocab_size(32001, m, tensor=4) == 32256 and 32256 % (128 * 4) == 0
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["--data.seq_length_stages", "0:128,100:4"], "data.seq_length_stages"),
+    (["--data.mask_prob_stages", "0:0.5,10:1.2"], "data.mask_prob_stages"),
+    (["--train.rampup_batch_size", "3 4 100"], "train.rampup_batch_size"),
+])
+def test_bad_curricula_are_refused_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, overrides)

@@ -1,0 +1,48 @@
+"""Model FLOPs of a bidirectional encoder and model FLOPs utilisation (MFU), DESIGN.md §6.
+
+Per trained token: 6 x (matmul parameters) + 12 x layers x (heads x head_dim) x s_eff, counting the
+full attention matrix (no causal halving). s_eff is the window on local layers and sum(s_i^2)/sum(s_i)
+over the packed documents of a batch on global layers. With sparse prediction the MLM head's
+decoder only runs on the masked fraction of the tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_jp.config import ModelConfig
+
+H100_BF16_PEAK_FLOPS = 989.4e12  # dense bf16, H100 SXM
+
+
+def matmul_params(m: ModelConfig) -> tuple[int, int]:
+    """(matmul parameters of the blocks, of the MLM head: transform + decoder, which see masked tokens only)."""
+    d = m.dim_per_head
+    attn = m.hidden_size * (m.num_heads + 2 * m.n_kv_heads) * d + m.num_heads * d * m.hidden_size
+    mlp = m.hidden_size * m.ffn_hidden_size * (3 if m.gated else 2)
+    head = m.hidden_size * m.hidden_size if m.head_type == "transform" else 0
+    return m.num_layers * (attn + mlp), head + m.hidden_size * m.vocab_size
+
+
+def effective_seq_length(segment_ids: torch.Tensor) -> float:
+    """sum(s_i^2) / sum(s_i) over the documents (segments > 0) of a batch."""
+    lengths = []
+    for row in segment_ids:
+        _, counts = torch.unique_consecutive(row[row > 0], return_counts=True)
+        lengths.append(counts)
+    lengths = torch.cat(lengths).double() if lengths else torch.zeros(1, dtype=torch.float64)
+    return float((lengths ** 2).sum() / lengths.sum().clamp(min=1))
+
+
+def flops_per_token(m: ModelConfig, s_eff: float, predicted_fraction: float) -> float:
+    """Forward + backward model FLOPs per input token."""
+    blocks, decoder = matmul_params(m)
+    attention = 0.0
+    for layer in range(m.num_layers):
+        span = s_eff if m.is_global_layer(layer) else min(m.sliding_window + 1, s_eff)
+        attention += 12 * m.num_heads * m.dim_per_head * span
+    return 6 * blocks + 6 * decoder * predicted_fraction + attention
+
+
+def mfu(tokens_per_second_per_device: float, flops_token: float, peak: float = H100_BF16_PEAK_FLOPS) -> float:
+    return tokens_per_second_per_device * flops_token / peak

@@ -81,10 +81,11 @@ setup(
         "unidic-lite",
         "einops",
         "tqdm",
+        "tensorboard",
     ],
     extras_require={
         "test": ["pytest"],
-        "tensorboard": ["tensorboard"],
+        "plot": ["matplotlib"],
         "sudachi": ["sudachipy", "sudachidict-core"],
     },
 )

@@ -1,0 +1,262 @@
+"""Megatron indexed datasets (`PREFIX.bin` + `PREFIX.idx`): a checking mmap reader and a streaming writer.
+
+Format (little-endian), byte-compatible with megatron-core's IndexedDataset: `.idx` = 9-byte magic
+`MMIDIDX\\x00\\x00`, u64 version 1, u8 dtype code, u64 sequence count N, u64 document count D
+(documents + 1), int32[N] sequence lengths, int64[N] byte offsets into `.bin`, int64[D] document
+indices (sequence index where each document starts, then N). `.bin` is the raw concatenation.
+
+The writer streams tokens to `.bin` and sequence lengths to a side file, so memory stays bounded
+whatever the corpus size; it writes under temporary names and `commit()` renames them, the `.idx`
+last, so an interrupted run never leaves a shard that looks complete. The reader refuses a wrong
+magic, version or dtype, an index or data file of the wrong size, and a word-flag shard whose
+lengths differ from its token shard, naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import numpy as np
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
+          8: np.uint16}
+CODES = {np.dtype(t): c for c, t in DTYPES.items()}
+HEADER_SIZE = len(MAGIC) + 8 + 1 + 8 + 8
+WORDS_SUFFIX = "_words"
+_CHUNK = 1 << 20  # elements per streamed block when finalising or merging
+
+
+class ShardFormatError(ValueError):
+    """A .bin/.idx pair that is not a valid (or not the expected) Megatron indexed dataset."""
+
+
+def bin_path(prefix: str) -> str:
+    return prefix + ".bin"
+
+
+def idx_path(prefix: str) -> str:
+    return prefix + ".idx"
+
+
+def words_prefix(prefix: str) -> str:
+    """Prefix of the word-start flag shard that goes with the token shard `prefix`."""
+    return prefix + WORDS_SUFFIX
+
+
+def exists(prefix: str) -> bool:
+    return os.path.isfile(bin_path(prefix)) and os.path.isfile(idx_path(prefix))
+
+
+def optimal_dtype(vocab_size: int):
+    """uint16 when every id fits with Megatron's margin (vocab < 65500), else int32."""
+    return np.uint16 if vocab_size < 65500 else np.int32
+
+
+def read_header(path: str) -> tuple[np.dtype, int, int]:
+    """(dtype, sequence count, document-index count) of an .idx file, checked."""
+    with open(path, "rb") as f:
+        raw = f.read(HEADER_SIZE)
+    if len(raw) < HEADER_SIZE or raw[:9] != MAGIC:
+        raise ShardFormatError(f"{path}: not a Megatron index (bad magic {raw[:9]!r}, expected {MAGIC!r})")
+    version, code, n_seq, n_doc = struct.unpack("<QBQQ", raw[9:])
+    if version != VERSION:
+        raise ShardFormatError(f"{path}: index version {version}, only version {VERSION} is supported")
+    if code not in DTYPES:
+        raise ShardFormatError(f"{path}: unknown dtype code {code} (known: {sorted(DTYPES)})")
+    return np.dtype(DTYPES[code]), n_seq, n_doc
+
+
+class IndexedDataset:
+    """Read-only view of a shard: `len()` documents, `get(i)` tokens, `doc_lengths`, flat `tokens`.
+
+    A document is the run of sequences between two document indices (one sequence per document in
+    shards from our preprocess_data; several with Megatron's --split-sentences). Pickles by path,
+    so DataLoader workers reopen the mmap instead of copying it.
+    """
+
+    def __init__(self, prefix: str, expect_dtype=None):
+        self.prefix, self.expect_dtype = prefix, expect_dtype
+        for path in (idx_path(prefix), bin_path(prefix)):
+            if not os.path.isfile(path):
+                raise ShardFormatError(f"{path} does not exist (was preprocess_data run with this prefix?)")
+        self.dtype, n_seq, n_doc = read_header(idx_path(prefix))
+        if expect_dtype is not None and self.dtype != np.dtype(expect_dtype):
+            raise ShardFormatError(f"{idx_path(prefix)}: dtype {self.dtype}, expected {np.dtype(expect_dtype)}")
+        self._map_index(n_seq, n_doc)
+        self._map_data()
+
+    def _map_index(self, n_seq: int, n_doc: int) -> None:
+        path = idx_path(self.prefix)
+        expected = HEADER_SIZE + n_seq * 12 + n_doc * 8
+        if os.path.getsize(path) != expected:
+            raise ShardFormatError(f"{path}: {os.path.getsize(path)} bytes, the header implies {expected} "
+                                   "(truncated or corrupt index)")
+        buf = np.memmap(path, dtype=np.uint8, mode="r")
+        self.sequence_lengths = buf[HEADER_SIZE:HEADER_SIZE + 4 * n_seq].view(np.int32)
+        off = HEADER_SIZE + 4 * n_seq
+        self.sequence_pointers = buf[off:off + 8 * n_seq].view(np.int64)
+        self.document_indices = buf[off + 8 * n_seq:].view(np.int64)
+        if n_doc < 1 or self.document_indices[0] != 0 or self.document_indices[-1] != n_seq:
+            raise ShardFormatError(f"{path}: document indices must run from 0 to the sequence count {n_seq}")
+
+    def _map_data(self) -> None:
+        path = bin_path(self.prefix)
+        item = self.dtype.itemsize
+        n_seq = len(self.sequence_lengths)
+        end = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * item if n_seq else 0
+        size = os.path.getsize(path)
+        if size != end:
+            raise ShardFormatError(f"{path}: {size} bytes, the index {idx_path(self.prefix)} describes {end} "
+                                   "(truncated .bin, or .bin and .idx from different runs)")
+        self.tokens = np.memmap(path, dtype=self.dtype, mode="r") if size else np.zeros(0, self.dtype)
+        first = self.document_indices[:-1]
+        self.doc_offsets = (self.sequence_pointers[first] // item) if n_seq else np.zeros(0, np.int64)
+        # Documents are contiguous runs of sequences: length = end of last sequence - start of first.
+        bounds = np.append(self.doc_offsets, end // item)
+        self.doc_lengths = np.diff(bounds).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.document_indices) - 1
+
+    def get(self, doc: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        start = int(self.doc_offsets[doc]) + offset
+        stop = int(self.doc_offsets[doc] + self.doc_lengths[doc]) if length is None else start + length
+        return np.asarray(self.tokens[start:stop])
+
+    def __getitem__(self, doc: int) -> np.ndarray:
+        return self.get(doc)
+
+    def check_words(self, words: "IndexedDataset") -> None:
+        """Raise unless `words` is a uint8 shard with exactly this shard's sequence lengths."""
+        if words.dtype != np.uint8:
+            raise ShardFormatError(f"{idx_path(words.prefix)}: word flags must be uint8, found {words.dtype}")
+        same = (len(words.sequence_lengths) == len(self.sequence_lengths)
+                and np.array_equal(words.sequence_lengths, self.sequence_lengths))
+        if not same:
+            raise ShardFormatError(f"{idx_path(words.prefix)}: sequence lengths differ from {idx_path(self.prefix)}; "
+                                   "rebuild both with preprocess_data --word-boundaries")
+
+    def __getstate__(self):
+        return {"prefix": self.prefix, "expect_dtype": self.expect_dtype}
+
+    def __setstate__(self, state):
+        self.__init__(state["prefix"], state["expect_dtype"])
+
+
+def open_words(prefix: str, tokens: IndexedDataset) -> IndexedDataset:
+    """The word-flag shard of `prefix`, checked against its token shard."""
+    wp = words_prefix(prefix)
+    if not exists(wp):
+        raise ShardFormatError(f"{idx_path(wp)} does not exist: whole word masking needs word flags; run "
+                               "tools/preprocess_data.py with --word-boundaries unidic-lite")
+    words = IndexedDataset(wp, expect_dtype=np.uint8)
+    tokens.check_words(words)
+    return words
+
+
+class IndexedDatasetWriter:
+    """Stream documents into PREFIX.bin/.idx under temporary names; `commit()` publishes them."""
+
+    def __init__(self, prefix: str, dtype):
+        self.prefix, self.dtype = prefix, np.dtype(dtype)
+        if self.dtype not in CODES:
+            raise ValueError(f"dtype {self.dtype} has no Megatron code")
+        self.tag = f".tmp{os.getpid()}"
+        os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+        self._bin = open(bin_path(prefix) + self.tag, "wb")
+        self._lengths = open(prefix + ".lengths" + self.tag, "wb")
+        self.n_docs = self.n_tokens = 0
+        self.finalized = False
+
+    def add_document(self, tokens) -> None:
+        self.add_documents(np.asarray(tokens), np.array([len(tokens)], dtype=np.int64))
+
+    def add_documents(self, flat, lengths) -> None:
+        """Append several documents given as one flat array and their lengths."""
+        flat = np.asarray(flat)
+        if flat.size and (self.dtype.kind in "iu") and flat.dtype.kind in "iu":
+            info = np.iinfo(self.dtype)
+            if flat.min() < info.min or flat.max() > info.max:
+                raise ValueError(f"{self.prefix}: values outside the range of {self.dtype}")
+        self._bin.write(flat.astype(self.dtype, copy=False).tobytes())
+        self._lengths.write(np.asarray(lengths, dtype=np.int32).tobytes())
+        self.n_docs += len(lengths)
+        self.n_tokens += int(flat.size)
+
+    def finalize(self) -> None:
+        """Write the temporary .idx from the streamed lengths (in blocks: memory stays bounded)."""
+        self._bin.close()
+        self._lengths.close()
+        lengths_file = self._lengths.name
+        with open(idx_path(self.prefix) + self.tag, "wb") as out:
+            out.write(MAGIC + struct.pack("<QBQQ", VERSION, CODES[self.dtype], self.n_docs, self.n_docs + 1))
+            _copy_file(lengths_file, out)
+            _write_pointers(lengths_file, self.n_docs, self.dtype.itemsize, out)
+            _write_arange(self.n_docs + 1, out)
+        os.unlink(lengths_file)
+        self.finalized = True
+
+    def commit(self) -> None:
+        """Rename into place: old .idx removed first and new .idx last, so no mixed pair looks complete."""
+        if not self.finalized:
+            self.finalize()
+        if os.path.exists(idx_path(self.prefix)):
+            os.unlink(idx_path(self.prefix))
+        os.replace(bin_path(self.prefix) + self.tag, bin_path(self.prefix))
+        os.replace(idx_path(self.prefix) + self.tag, idx_path(self.prefix))
+
+    def abort(self) -> None:
+        """Close and delete every temporary file (safe to call twice)."""
+        for f in (self._bin, self._lengths):
+            f.close()
+        for path in (bin_path(self.prefix) + self.tag, idx_path(self.prefix) + self.tag,
+                     self.prefix + ".lengths" + self.tag):
+            if os.path.exists(path):
+                os.unlink(path)
+
+
+def _copy_file(path: str, out) -> None:
+    with open(path, "rb") as f:
+        while block := f.read(4 * _CHUNK):
+            out.write(block)
+
+
+def _write_pointers(lengths_file: str, n: int, itemsize: int, out) -> None:
+    start = 0
+    for first in range(0, n, _CHUNK):
+        lengths = np.fromfile(lengths_file, dtype=np.int32, count=min(_CHUNK, n - first), offset=4 * first)
+        ends = start + np.cumsum(lengths.astype(np.int64)) * itemsize
+        out.write(np.concatenate(([start], ends[:-1])).astype(np.int64).tobytes())
+        start = int(ends[-1])
+
+
+def _write_arange(n: int, out) -> None:
+    for first in range(0, n, _CHUNK):
+        out.write(np.arange(first, min(first + _CHUNK, n), dtype=np.int64).tobytes())
+
+
+def merge(prefixes: list[str], out_prefix: str) -> IndexedDataset:
+    """Concatenate shards (same dtype) into out_prefix, keeping each input's document boundaries."""
+    if not prefixes:
+        raise ValueError("merge: no input shards")
+    sources = [IndexedDataset(p) for p in prefixes]
+    dtypes = {s.dtype for s in sources}
+    if len(dtypes) > 1:
+        raise ShardFormatError(f"cannot merge shards of different dtypes: "
+                               + ", ".join(f"{s.prefix}={s.dtype}" for s in sources))
+    writer = IndexedDatasetWriter(out_prefix, dtypes.pop())
+    try:
+        for src in sources:
+            for first in range(0, len(src), _CHUNK):
+                docs = slice(first, min(first + _CHUNK, len(src)))
+                lo = int(src.doc_offsets[docs.start]) if len(src) else 0
+                hi = lo + int(src.doc_lengths[docs].sum())
+                writer.add_documents(src.tokens[lo:hi], src.doc_lengths[docs])
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return IndexedDataset(out_prefix)

@@ -1,0 +1,398 @@
+"""JSONL -> Megatron shards: the engine behind tools/preprocess_data.py (same flags as Megatron-LM's).
+
+Streaming: the main process reads input lines (plain or .gz) into chunks of about CHUNK_BYTES and
+hands them to a pool of `--workers` processes (spawned, each loading the tokenizer and segmenter
+once); at most 2 x workers + 2 chunks are in flight and results are written in input order, so
+memory is bounded by a few chunks whatever the corpus size. Per key the output is
+`{prefix}_{key}_document.bin/.idx` (uint16 ids when the vocabulary has < 65500 entries, else
+int32) and with `--word-boundaries` also `..._document_words.bin/.idx` (uint8 word-start flags).
+
+Bad lines (invalid UTF-8, invalid JSON, not an object, missing key, non-string value, empty text,
+a document over --max-document-bytes, a truncated .gz) stop the run with `file:line: reason`
+(`--on-error fail`, the default) or are counted by reason and skipped (`--on-error skip`). Shards
+are written under temporary names and renamed only when every input was read: a failed or killed
+run leaves no file that looks like a complete shard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import multiprocessing
+import os
+import signal
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from megatron_jp.data import indexed
+from megatron_jp.data.segment import SEGMENTERS, build_segmenter, text_chunks, word_start_flags
+from megatron_jp.data.tokenizers import TOKENIZER_TYPES, build_tokenizer
+
+CHUNK_BYTES = 1 << 20
+CHUNK_LINES = 4096
+LONG_TEXT_CHARS = 1 << 20  # longer texts are tokenized piecewise (at line breaks) to bound memory
+REASONS = {
+    "invalid_utf8": "invalid UTF-8", "invalid_json": "invalid JSON", "not_object": "not a JSON object",
+    "missing_key": "missing key", "not_string": "non-string value", "empty_text": "empty text",
+    "too_large": "document too large", "bad_gzip": "truncated or corrupt gzip",
+}
+
+
+class PreprocessError(RuntimeError):
+    """A bad input line under --on-error fail; the message is `file:line: reason`."""
+
+
+@dataclass
+class Chunk:
+    """Lines of one input file handed to a worker; `errors` holds what the reader already found."""
+
+    path: str
+    lines: list = field(default_factory=list)  # (line number, raw bytes)
+    errors: list = field(default_factory=list)  # (line number, reason code, message)
+    raw_bytes: int = 0  # bytes of the lines
+    file_bytes: int = 0  # bytes of the file read for them (compressed for .gz): drives the progress bar
+
+
+@dataclass
+class ChunkResult:
+    path: str
+    tokens: dict  # key -> (flat ids, lengths, flat word flags or None)
+    errors: list
+    n_docs: int
+    n_text_bytes: int
+    blank_lines: int
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="preprocess_data.py", description=__doc__.split("\n\n")[0])
+    g = p.add_argument_group("input")
+    g.add_argument("--input", nargs="+", required=True, help="JSONL files (.gz too), globs allowed")
+    g.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract (default: text)")
+    g = p.add_argument_group("tokenizer")
+    g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
+    g.add_argument("--tokenizer-model", default="", help="SentencePiece .model or tokenizer folder")
+    g.add_argument("--append-eod", action="store_true", help="append the end-of-document token")
+    g.add_argument("--word-boundaries", default="none", choices=SEGMENTERS,
+                   help="also write word-start flags (for whole word masking) from this segmenter")
+    g = p.add_argument_group("output")
+    g.add_argument("--output-prefix", required=True, help="writes {prefix}_{key}_document.bin/.idx")
+    g.add_argument("--workers", type=int, default=1, help="tokenizer processes (1: in this process)")
+    g.add_argument("--on-error", choices=["fail", "skip"], default="fail",
+                   help="fail: stop at the first bad line (file:line: reason); skip: count and go on")
+    g.add_argument("--max-document-bytes", type=int, default=16 << 20,
+                   help="refuse longer JSONL lines with their reason (0: no limit; memory grows with it)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def expand_inputs(patterns: list[str]) -> list[str]:
+    """Every file named or matched by a glob, in the order given (globs sorted)."""
+    files = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        missing = [m for m in matches if not os.path.isfile(m)]
+        if not matches or missing:
+            raise FileNotFoundError(f"--input {pattern}: no such file" + ("" if matches else " (glob matched nothing)"))
+        files += matches
+    return files
+
+
+def output_prefix(prefix: str, key: str) -> str:
+    return f"{prefix}_{key}_document"
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+def _open(path: str):
+    raw = open(path, "rb")
+    return raw, (gzip.GzipFile(fileobj=raw, mode="rb") if path.endswith(".gz") else raw)
+
+
+def _read_line(f, limit: int):
+    """(line, too_long_size): reads at most limit+1 bytes; the rest of an oversize line is drained."""
+    if limit <= 0:
+        return f.readline(), 0
+    line = f.readline(limit + 1)
+    if len(line) <= limit or line.endswith(b"\n"):
+        return line, 0
+    size = len(line)
+    while line and not line.endswith(b"\n"):  # drain without keeping: memory stays bounded
+        line = f.readline(1 << 20)
+        size += len(line)
+    return None, size
+
+
+def iter_chunks(paths: list[str], max_doc_bytes: int):
+    """Chunks of raw lines from every file in order, with reader-level errors attached."""
+    for path in paths:
+        raw, f = _open(path)
+        chunk, line_no, consumed = Chunk(path), 0, 0
+        try:
+            while True:
+                try:
+                    line, oversize = _read_line(f, max_doc_bytes)
+                except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as err:
+                    chunk.errors.append((line_no + 1, "bad_gzip", f"truncated or corrupt gzip stream ({err})"))
+                    break
+                if line == b"" and not oversize:
+                    break
+                line_no += 1
+                if oversize:
+                    chunk.errors.append((line_no, "too_large", f"document of {oversize:,} bytes exceeds "
+                                         f"--max-document-bytes {max_doc_bytes:,} (raise it, or 0 for no limit)"))
+                else:
+                    chunk.lines.append((line_no, line))
+                    chunk.raw_bytes += len(line)
+                if chunk.raw_bytes >= CHUNK_BYTES or len(chunk.lines) >= CHUNK_LINES:
+                    chunk.file_bytes, consumed = raw.tell() - consumed, raw.tell()
+                    yield chunk
+                    chunk = Chunk(path)
+            chunk.file_bytes = os.path.getsize(path) - consumed
+            yield chunk
+        finally:
+            f.close()
+            raw.close()
+
+
+# ----------------------------------------------------------------------------------------- workers
+
+_WORKER: dict = {}
+
+
+def init_worker(opts: dict) -> None:
+    """Load the tokenizer and segmenter once per process."""
+    _WORKER["opts"] = opts
+    _WORKER["tokenizer"] = build_tokenizer(opts["tokenizer_type"], opts["tokenizer_model"])
+    _WORKER["segmenter"] = build_segmenter(opts["word_boundaries"])
+
+
+def parse_line(raw: bytes, keys: list[str]):
+    """(texts, None) for a good line, else (None, (reason code, message))."""
+    try:
+        s = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return None, ("invalid_utf8", f"invalid UTF-8 at byte {err.start}")
+    try:
+        obj = json.loads(s)
+    except json.JSONDecodeError as err:
+        return None, ("invalid_json", f"invalid JSON ({err.msg} at column {err.colno})")
+    if not isinstance(obj, dict):
+        return None, ("not_object", f"expected a JSON object, found {type(obj).__name__}")
+    texts = []
+    for key in keys:
+        if key not in obj:
+            return None, ("missing_key", f"missing key {key!r} (keys present: {', '.join(list(obj)[:8])})")
+        value = obj[key]
+        if not isinstance(value, str):
+            return None, ("not_string", f"value of key {key!r} is {type(value).__name__}, expected a string")
+        if not value.strip():
+            return None, ("empty_text", f"empty text in key {key!r}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return None, ("invalid_utf8", f"key {key!r} has an unpaired surrogate escape at character {err.start}")
+        texts.append(value)
+    return texts, None
+
+
+def _encode(text: str):
+    """(ids, word flags or None) of one text, piecewise for very long texts."""
+    tok, seg = _WORKER["tokenizer"], _WORKER["segmenter"]
+    pieces = [text] if len(text) <= LONG_TEXT_CHARS else [c for _, c in text_chunks(text, LONG_TEXT_CHARS)]
+    ids, flags = [], []
+    for piece in pieces:
+        if seg is None:
+            ids.append(tok.encode(piece))
+            continue
+        piece_ids, starts, ends = tok.encode_with_offsets(piece)
+        m_starts, m_ends = seg.spans(piece)
+        ids.append(piece_ids)
+        flags.append(word_start_flags(starts, ends, m_starts, m_ends, len(piece)))
+    return ids, (flags if seg is not None else None)
+
+
+def _key_arrays(docs: list[list], opts: dict, eod: int):
+    """Flat ids, lengths and flags of the documents of one key."""
+    dtype = np.dtype(opts["dtype"])
+    ids, lengths, flags = [], [], []
+    for parts, part_flags in docs:
+        if opts["append_eod"]:
+            parts = parts + [np.array([eod], dtype=np.int32)]
+            part_flags = None if part_flags is None else part_flags + [np.ones(1, np.uint8)]
+        ids += [p.astype(dtype, copy=False) for p in parts]
+        lengths.append(sum(len(p) for p in parts))
+        if part_flags is not None:
+            flags += part_flags
+    flat = np.concatenate(ids) if ids else np.zeros(0, dtype)
+    words = (np.concatenate(flags) if flags else np.zeros(0, np.uint8)) if opts["word_boundaries"] != "none" else None
+    return flat, np.asarray(lengths, dtype=np.int64), words
+
+
+def process_chunk(chunk: Chunk) -> ChunkResult:
+    """Parse, validate and tokenize the lines of a chunk (runs in a worker)."""
+    opts = _WORKER["opts"]
+    keys, errors = opts["keys"], list(chunk.errors)
+    per_key = {k: [] for k in keys}
+    n_docs = n_bytes = blanks = 0
+    for line_no, raw in chunk.lines:
+        if not raw.strip():
+            blanks += 1
+            continue
+        texts, err = parse_line(raw, keys)
+        if err:
+            errors.append((line_no, *err))
+            continue
+        n_docs += 1
+        n_bytes += len(raw)
+        for key, text in zip(keys, texts):
+            per_key[key].append(_encode(text))
+    eod = _WORKER["tokenizer"].eod_id
+    tokens = {k: _key_arrays(docs, opts, eod) for k, docs in per_key.items()}
+    return ChunkResult(chunk.path, tokens, sorted(errors), n_docs, n_bytes, blanks)
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+def ordered_results(chunks, opts: dict, workers: int):
+    """Process chunks in order; with workers > 1 keep at most 2*workers+2 of them in flight."""
+    if workers <= 1:
+        init_worker(opts)
+        for chunk in chunks:
+            yield chunk, process_chunk(chunk)
+        return
+    ctx = multiprocessing.get_context("spawn")  # no inherited tokenizer threads or open shard files
+    with ctx.Pool(workers, initializer=init_worker, initargs=(opts,)) as pool:
+        pending = collections.deque()
+        for chunk in chunks:
+            pending.append((chunk, pool.apply_async(process_chunk, (chunk,))))
+            while len(pending) >= 2 * workers + 2:
+                done, res = pending.popleft()
+                yield done, res.get()
+        while pending:
+            done, res = pending.popleft()
+            yield done, res.get()
+
+
+class Stats:
+    def __init__(self):
+        self.start = time.time()
+        self.docs = self.tokens = self.text_bytes = self.blank_lines = 0
+        self.skipped = collections.Counter()
+
+    def add(self, result: ChunkResult, n_tokens: int) -> None:
+        self.docs += result.n_docs
+        self.tokens += n_tokens
+        self.text_bytes += result.n_text_bytes
+        self.blank_lines += result.blank_lines
+        self.skipped.update(code for _, code, _ in result.errors)
+
+    def rates(self) -> str:
+        dt = max(time.time() - self.start, 1e-9)
+        return f"{self.docs / dt:,.0f} docs/s, {self.text_bytes / dt / 1e6:.2f} MB/s, {self.tokens / dt:,.0f} tok/s"
+
+    def summary(self) -> dict:
+        return {"documents": self.docs, "tokens": self.tokens, "skipped": dict(self.skipped),
+                "skipped_total": sum(self.skipped.values()), "blank_lines": self.blank_lines,
+                "text_bytes": self.text_bytes, "seconds": round(time.time() - self.start, 3)}
+
+
+def _make_writers(args, dtype):
+    writers = {}
+    for key in args.json_keys:
+        prefix = output_prefix(args.output_prefix, key)
+        words = None
+        if args.word_boundaries != "none":
+            words = indexed.IndexedDatasetWriter(indexed.words_prefix(prefix), np.uint8)
+        writers[key] = (indexed.IndexedDatasetWriter(prefix, dtype), words)
+    return writers
+
+
+def _write(writers, result: ChunkResult) -> int:
+    n = 0
+    for key, (flat, lengths, words) in result.tokens.items():
+        tok_writer, word_writer = writers[key]
+        tok_writer.add_documents(flat, lengths)
+        if word_writer is not None:
+            word_writer.add_documents(words, lengths)
+        n += len(flat)
+    return n
+
+
+def _check_errors(result: ChunkResult, on_error: str) -> None:
+    if result.errors and on_error == "fail":
+        line, code, message = result.errors[0]
+        raise PreprocessError(f"{result.path}:{line}: {message} [{code}]; fix the line or pass --on-error skip")
+
+
+def _progress(total: int, quiet: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, disable=quiet, file=sys.stderr, mininterval=0.5,
+                desc="preprocess", dynamic_ncols=True)
+
+
+def run(args) -> dict:
+    """Preprocess per `args` (see parse_args); return the summary. Raises PreprocessError on bad input."""
+    paths = expand_inputs(args.input)
+    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+    dtype = indexed.optimal_dtype(tokenizer.vocab_size)
+    opts = {"keys": args.json_keys, "tokenizer_type": args.tokenizer_type, "tokenizer_model": args.tokenizer_model,
+            "word_boundaries": args.word_boundaries, "append_eod": args.append_eod, "dtype": np.dtype(dtype).str}
+    build_segmenter(args.word_boundaries)  # fail now, not in a worker, if the segmenter is missing
+    writers = _make_writers(args, dtype)
+    stats, bar = Stats(), _progress(sum(os.path.getsize(p) for p in paths), args.quiet)
+    try:
+        for chunk, result in ordered_results(iter_chunks(paths, args.max_document_bytes), opts, args.workers):
+            _check_errors(result, args.on_error)
+            stats.add(result, _write(writers, result))
+            bar.update(chunk.file_bytes)
+            bar.set_postfix_str(stats.rates(), refresh=False)
+        for pair in writers.values():
+            for w in pair:
+                if w is not None:
+                    w.finalize()
+        for pair in writers.values():
+            for w in pair:
+                if w is not None:
+                    w.commit()
+    except BaseException:
+        for pair in writers.values():
+            for w in pair:
+                if w is not None:
+                    w.abort()
+        raise
+    finally:
+        bar.close()
+    summary = stats.summary()
+    summary["outputs"] = [output_prefix(args.output_prefix, k) for k in args.json_keys]
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    skipped = ", ".join(f"{REASONS.get(k, k)}: {v}" for k, v in sorted(summary["skipped"].items())) or "none"
+    print(f"documents {summary['documents']:,} | tokens {summary['tokens']:,} | skipped {summary['skipped_total']:,} "
+          f"({skipped}) | blank lines {summary['blank_lines']:,} | {summary['seconds']:.1f} s", file=sys.stderr)
+    print(json.dumps(summary, ensure_ascii=False))
+
+
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds through run(), which deletes the temporary files
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        summary = run(args)
+    except (PreprocessError, FileNotFoundError, ValueError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print_summary(summary)
+    return 0

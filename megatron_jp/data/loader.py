@@ -1,0 +1,242 @@
+"""Data loaders for training: micro-batches per data-parallel rank, resumable, with curricula.
+
+    train, valid = build_data_loaders(cfg.data, tokenizer, micro_batch_size=4, dp_rank=r, dp_size=n,
+                                      seed=cfg.train.seed, global_batch_size=cfg.train.global_batch_size,
+                                      mask_prob_at=..., seq_length_at=...)
+    batch = next(train)            # dict of (B, S) int64 tensors: input_ids, labels, segment_ids, position_ids
+    state = train.state_dict()     # {"consumed_samples": ..., ...}; train.load_state_dict(state) resumes
+
+Sample order: micro-step m covers global samples [m*B*dp, (m+1)*B*dp); rank r takes its B
+consecutive ones (Megatron's pretraining sampler). `consumed_samples` counts samples over all ranks.
+
+Curricula: the mask rate and seq length of a batch are functions of the optimizer step
+(step = consumed_samples // global_batch_size): `mask_prob_at(step) -> float`,
+`seq_length_at(step) -> int` (e.g. `LinearSchedule(0.3, 0.15, 10_000)`,
+`StagedSchedule({0: 128, 90_000: 512})`). The sampler, which runs ahead of the DataLoader
+workers, stamps each batch with its values, so prefetched batches are always right; a batch
+is a pure function of (seed, sample indices, seq_length, mask_prob), hence reproducible and
+resumable. `set_mask_prob(p)` / `set_seq_length(s)` (a value or a schedule) may also be called
+from the training loop: prefetched batches that no longer match are dropped. A new seq_length
+builds that length's packed index (cached; all stage values of a StagedSchedule are built
+before the workers start).
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+from megatron_jp.data import indexed
+from megatron_jp.data.datasets import TRAIN, VALID, MLMDataset, PackedSource, parse_blend, split_bounds
+from megatron_jp.data.masking import Masker
+
+
+class LinearSchedule:
+    """start -> end linearly over steps [start_step, start_step + steps], constant outside."""
+
+    def __init__(self, start: float, end: float, steps: int, start_step: int = 0):
+        self.start, self.end, self.steps, self.start_step = start, end, max(int(steps), 1), start_step
+
+    def __call__(self, step: int) -> float:
+        t = min(max((step - self.start_step) / self.steps, 0.0), 1.0)
+        return float(self.start + t * (self.end - self.start))
+
+
+class StagedSchedule:
+    """Piecewise constant: {first step: value}; e.g. {0: 128, 90000: 512} for seq-length stages."""
+
+    def __init__(self, stages: dict):
+        if 0 not in stages:
+            raise ValueError(f"stages {stages} must define step 0")
+        self.stages = sorted((int(s), v) for s, v in stages.items())
+
+    def __call__(self, step: int):
+        return [v for s, v in self.stages if s <= step][-1]
+
+    def values(self) -> list:
+        return [v for _, v in self.stages]
+
+
+def _constant(value):
+    return lambda step: value
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """What one rank's micro-batch is: its first global sample, size, seq length and mask rate."""
+
+    consumed: int
+    first: int
+    size: int
+    seq_length: int
+    mask_prob: float
+
+
+class _SpecStream:
+    """The DataLoader's sampler: an endless stream of BatchSpecs from a starting position."""
+
+    def __init__(self, loader: "TrainLoader", consumed: int):
+        self.loader, self.consumed = loader, consumed
+
+    def __iter__(self):
+        consumed = self.consumed
+        while True:
+            yield self.loader.spec_at(consumed)
+            consumed += self.loader.samples_per_micro_step
+
+
+class _SpecDataset(torch.utils.data.Dataset):
+    def __init__(self, mlm: MLMDataset):
+        self.mlm = mlm
+
+    def __getitem__(self, spec: BatchSpec):
+        return self.mlm.batch(range(spec.first, spec.first + spec.size), spec.seq_length, spec.mask_prob), spec
+
+
+def _no_collate(item):
+    return item
+
+
+class TrainLoader:
+    """Endless iterator of this rank's micro-batches; `state_dict()`/`load_state_dict()` resume it."""
+
+    def __init__(self, mlm: MLMDataset, *, micro_batch_size: int, dp_rank: int, dp_size: int, num_workers: int,
+                 global_batch_size: int | None, mask_prob_at, seq_length_at, seed: int):
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
+        self.mlm, self.micro_batch_size, self.dp_rank, self.dp_size = mlm, micro_batch_size, dp_rank, dp_size
+        self.samples_per_micro_step = micro_batch_size * dp_size
+        self.global_batch_size = global_batch_size or self.samples_per_micro_step
+        self.num_workers, self.seed = num_workers, seed
+        self.consumed_samples, self.last_spec, self._it = 0, None, None
+        self.set_mask_prob(mask_prob_at)
+        self.set_seq_length(seq_length_at)
+
+    def _schedule(self, value_or_fn):
+        return value_or_fn if callable(value_or_fn) else _constant(value_or_fn)
+
+    def set_mask_prob(self, value_or_schedule) -> None:
+        """Mask rate from the next batch on: a float, or a function of the optimizer step."""
+        self.mask_prob_at = self._schedule(value_or_schedule)
+
+    def set_seq_length(self, value_or_schedule) -> None:
+        """Seq length from the next batch on: an int, or a function of the optimizer step."""
+        self.seq_length_at = self._schedule(value_or_schedule)
+        for s in getattr(value_or_schedule, "values", lambda: [value_or_schedule])():
+            if isinstance(s, numbers.Integral):
+                self.mlm.prepare(s)
+
+    @property
+    def step(self) -> int:
+        return self.consumed_samples // self.global_batch_size
+
+    def spec_at(self, consumed: int) -> BatchSpec:
+        step = consumed // self.global_batch_size
+        first = consumed + self.dp_rank * self.micro_batch_size
+        return BatchSpec(consumed, first, self.micro_batch_size, int(self.seq_length_at(step)),
+                         float(self.mask_prob_at(step)))
+
+    def _start(self):
+        stream = _SpecStream(self, self.consumed_samples)
+        if self.num_workers <= 0:
+            self._it = (_SpecDataset(self.mlm)[spec] for spec in stream)
+            return
+        loader = torch.utils.data.DataLoader(_SpecDataset(self.mlm), sampler=stream, batch_size=None,
+                                             num_workers=self.num_workers, collate_fn=_no_collate,
+                                             prefetch_factor=2, persistent_workers=False)
+        self._it = iter(loader)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        expected = self.spec_at(self.consumed_samples)
+        if self._it is None:
+            self._start()
+        batch, spec = next(self._it)
+        if spec != expected:  # schedule changed after these were prefetched: restart here
+            self._it = None
+            return self.__next__()
+        self.consumed_samples += self.samples_per_micro_step
+        self.last_spec = spec
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"consumed_samples": self.consumed_samples, "seed": self.seed,
+                "micro_batch_size": self.micro_batch_size, "dp_size": self.dp_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("seed", self.seed) != self.seed:
+            raise ValueError(f"loader state was saved with seed {state['seed']}, this run uses {self.seed}: "
+                             "the sample order would differ; keep train.seed to resume")
+        self.consumed_samples = int(state["consumed_samples"])
+        self._it = None
+
+
+class ValidLoader:
+    """Fixed validation batches: every iteration yields the same `len(self)` micro-batches."""
+
+    def __init__(self, mlm: MLMDataset, *, micro_batch_size: int, dp_rank: int, dp_size: int,
+                 seq_length: int, mask_prob: float, max_batches: int | None = None):
+        self.mlm, self.micro_batch_size, self.dp_rank, self.dp_size = mlm, micro_batch_size, dp_rank, dp_size
+        self.seq_length, self.mask_prob = seq_length, mask_prob
+        self.max_batches = max_batches
+
+    def __len__(self) -> int:
+        n = max(1, self.mlm.num_rows(self.seq_length) // (self.micro_batch_size * self.dp_size))
+        return n if self.max_batches is None else min(n, self.max_batches)
+
+    def __iter__(self):
+        step = self.micro_batch_size * self.dp_size
+        for m in range(len(self)):
+            first = m * step + self.dp_rank * self.micro_batch_size
+            yield self.mlm.batch(range(first, first + self.micro_batch_size), self.seq_length, self.mask_prob)
+
+
+def _sources(paths: str, part: int | None, split: str, cfg, seed: int, stream: int):
+    """(sources, weights) of a blend; `part` picks the train or valid documents of each prefix."""
+    sources, weights = [], []
+    for d, (weight, prefix) in enumerate(parse_blend(paths)):
+        n_docs = len(indexed.IndexedDataset(prefix))
+        doc_range = (0, n_docs) if part is None else split_bounds(n_docs, split)[part]
+        if doc_range[1] > doc_range[0]:
+            sources.append(PackedSource(prefix, doc_range, cfg.packing, seed, stream * 1000 + d,
+                                        cfg.whole_word_masking))
+            weights.append(weight)
+    return sources, weights
+
+
+def build_mlm_dataset(cfg, tokenizer, seed: int, stream: int) -> MLMDataset | None:
+    """The train (stream TRAIN) or valid (stream VALID) MLMDataset of a DataConfig, or None if empty."""
+    if stream == VALID and cfg.valid_paths:
+        sources, weights = _sources(cfg.valid_paths, None, cfg.split, cfg, seed, stream)
+    else:
+        sources, weights = _sources(cfg.paths, stream, cfg.split, cfg, seed, stream)
+    if not sources:
+        return None
+    masker = Masker(tokenizer.vocab_size, tokenizer.mask_id, tokenizer.special_ids, cfg.mask_token_prob,
+                    cfg.random_token_prob, cfg.whole_word_masking)
+    return MLMDataset(sources, weights, tokenizer, masker, seed, stream)
+
+
+def build_data_loaders(data_cfg, tokenizer, *, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int,
+                       global_batch_size: int | None = None, mask_prob_at=None, seq_length_at=None,
+                       valid_max_batches: int | None = None):
+    """(train_loader, valid_loader or None) for a DataConfig-like object (see the module docstring).
+
+    mask_prob_at / seq_length_at default to the constants data_cfg.mask_prob / data_cfg.seq_length.
+    """
+    train_set = build_mlm_dataset(data_cfg, tokenizer, seed, TRAIN)
+    if train_set is None:
+        raise ValueError(f"data.paths {data_cfg.paths!r} with split {data_cfg.split!r} leaves no training documents")
+    train = TrainLoader(train_set, micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                        num_workers=data_cfg.num_workers, global_batch_size=global_batch_size,
+                        mask_prob_at=data_cfg.mask_prob if mask_prob_at is None else mask_prob_at,
+                        seq_length_at=data_cfg.seq_length if seq_length_at is None else seq_length_at, seed=seed)
+    valid_set = build_mlm_dataset(data_cfg, tokenizer, seed, VALID)
+    valid = None if valid_set is None else ValidLoader(
+        valid_set, micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+        seq_length=data_cfg.seq_length, mask_prob=data_cfg.mask_prob, max_batches=valid_max_batches)
+    return train, valid

@@ -34,14 +34,40 @@ class DeviceGuard {
   int target_ = 0;
 };
 
+inline int sm_count(int device) {
+  static int cached[64] = {0};  // per device; a benign race at worst writes the same value twice
+  int& sms = cached[device & 63];
+  if (sms == 0 && cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    cudaGetLastError();  // clear it; assume an H100's 132 SMs, only the grid size depends on it
+    sms = 132;
+  }
+  return sms;
+}
+
+// Threads the device keeps resident at once (2048 per SM on sm_80/sm_90): the parallelism a
+// memory-bound kernel needs to keep enough loads in flight.
+inline int64_t resident_threads(int device) { return static_cast<int64_t>(sm_count(device)) * 2048; }
+
+// Threads of `kernel` the device keeps resident at once, from its register and shared-memory use
+// (queried once per kernel instantiation: a node's GPUs share one architecture).
+template <typename Kernel>
+int64_t resident_threads_of(Kernel kernel, int device) {
+  static const int blocks_per_sm = [&] {
+    int blocks = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0) != cudaSuccess || blocks < 1) {
+      cudaGetLastError();
+      blocks = 1;
+    }
+    return blocks;
+  }();
+  return static_cast<int64_t>(blocks_per_sm) * kThreads * sm_count(device);
+}
+
 // Grid for a grid-stride loop over `items`: enough blocks to fill every SM a few times over, no more
 // (the loop covers the rest), so large tensors do not pay for millions of block launches.
 inline unsigned int grid_blocks(int64_t items, int device) {
-  static int sm_count[64] = {0};
-  int& sms = sm_count[device & 63];
-  if (sms == 0) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   const int64_t wanted = (items + kThreads - 1) / kThreads;
-  const int64_t cap = static_cast<int64_t>(sms > 0 ? sms : 132) * (2048 / kThreads) * 4;
+  const int64_t cap = resident_threads(device) / kThreads * 4;
   return static_cast<unsigned int>(wanted < cap ? (wanted > 0 ? wanted : 1) : cap);
 }
 

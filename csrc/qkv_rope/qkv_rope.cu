@@ -1,14 +1,16 @@
 // Fused QKV split + bias + RoPE: the projection output [B, S, (Hq + 2 Hk) * D] becomes q [B, Hq, S, D],
-// k and v [B, Hk, S, D] in one read and one write (and the backward, which scatters the three
+// k and v [B, Hk, S, D] in one read and one write (and the backward, which gathers the three
 // gradients back into one [B, S, (Hq + 2 Hk) * D] tensor).
 //
-// One thread owns one (token, 16-byte chunk of the first half of D) item: it computes the chunk's
-// cos/sin once and moves that chunk pair of every head of the token, rotating q and k heads, copying
-// v heads. Reads of a token row and writes to the per-head [S, D] planes are both 16-byte accesses,
-// and consecutive threads touch consecutive tokens of one plane, so the writes coalesce.
+// A thread owns one (token, 16-byte chunk of the first half of D, group of heads) item
+// (common/rotary.cuh): it computes the chunk's cos/sin once and moves that chunk pair of every head of
+// its group, rotating q and k heads and copying v heads. Reads of a token row and writes to the
+// per-head [S, D] planes are both 16-byte accesses, and consecutive threads touch consecutive tokens
+// of one plane, so the writes coalesce.
 #include <cuda_runtime.h>
 
 #include <initializer_list>
+#include <type_traits>
 
 #include "common/cuda_utils.cuh"
 #include "common/rotary.cuh"
@@ -18,99 +20,73 @@
 namespace mjp::qkv_rope {
 namespace {
 
-// `heads` heads of one token: head h reads src + h * src_stride and writes dst + h * dst_stride
-// (strides in elements; one side is the token row, the other the per-head planes).
-template <typename T>
-struct HeadRun {
-  const T* src;
-  int64_t src_stride;
-  T* dst;
-  int64_t dst_stride;
-  const T* bias;  // nullptr or the bias of head 0 of this run (stride head_dim)
-  int heads;
+// Where (token, chunk) sits in the fused row and in the three [B, H, S, D] tensors.
+struct Place {
+  int64_t row;                  // element offset of the chunk in qkv[b, s, :]
+  int64_t q_plane, kv_plane;    // element offsets of the chunk in q[b, 0, s, :] and k/v[b, 0, s, :]
+  int64_t plane;                // S * D: stride between heads in q, k, v
+  int k_col, v_col;             // first k and first v column of the fused row
 };
 
-template <typename T, int N, bool kRotate>
-__device__ __forceinline__ void move_heads(const HeadRun<T>& run, int head_dim, const float (&cos_v)[N],
-                                           const float (&sin_v)[N]) {
-  const int half = head_dim / 2;
-#pragma unroll 4
-  for (int h = 0; h < run.heads; ++h) {
-    const T* bias = run.bias == nullptr ? nullptr : run.bias + h * head_dim;
-    rotate_chunk<T, N, kRotate>(run.src + h * run.src_stride, bias, run.dst + h * run.dst_stride, half,
-                                cos_v, sin_v);
+__device__ __forceinline__ Place place_of(const Shape& s, int64_t token, int chunk) {
+  const int64_t b = token / s.seq, pos = token - b * s.seq;
+  const int width = (s.q_heads + 2 * s.kv_heads) * s.head_dim;
+  return Place{token * width + chunk, (b * s.q_heads * s.seq + pos) * s.head_dim + chunk,
+               (b * s.kv_heads * s.seq + pos) * s.head_dim + chunk, s.seq * s.head_dim,
+               s.q_heads * s.head_dim, (s.q_heads + s.kv_heads) * s.head_dim};
+}
+
+template <int N>
+__device__ __forceinline__ void angles_if_needed(const Rotary& rotary, const Item& it, int rotating_heads,
+                                                 float sin_sign, float (&cos_v)[N], float (&sin_v)[N]) {
+  // a group of v heads only, or no rotary at all: nothing to rotate, skip the sincos
+  if (rotary.positions != nullptr && it.head_begin < rotating_heads) {
+    chunk_angles<N>(rotary.positions[it.token], rotary.inv_freq + it.chunk, sin_sign, cos_v, sin_v);
   }
 }
 
-// Rotates the q and k runs (when positions are given) and copies the v run.
 template <typename T, int N>
-__device__ __forceinline__ void move_token(const HeadRun<T> (&runs)[3], const Rotary& rotary,
-                                           int64_t token, int chunk_offset, int head_dim, float sin_sign) {
-  float cos_v[N], sin_v[N];
-  if (rotary.positions != nullptr) {
-    chunk_angles<N>(rotary.positions[token], rotary.inv_freq + chunk_offset, sin_sign, cos_v, sin_v);
-    move_heads<T, N, true>(runs[0], head_dim, cos_v, sin_v);
-    move_heads<T, N, true>(runs[1], head_dim, cos_v, sin_v);
-  } else {
-    move_heads<T, N, false>(runs[0], head_dim, cos_v, sin_v);
-    move_heads<T, N, false>(runs[1], head_dim, cos_v, sin_v);
-  }
-  move_heads<T, N, false>(runs[2], head_dim, cos_v, sin_v);
-}
-
-// Element offset of (b, h = 0, s, chunk) in a [B, H, S, D] plane tensor.
-__device__ __forceinline__ int64_t plane_offset(const Shape& s, int64_t b, int64_t pos, int heads, int chunk) {
-  return (b * heads * s.seq + pos) * s.head_dim + chunk;
-}
-
-template <typename T, int N>
-__global__ void __launch_bounds__(kThreads) qkv_rope_forward_kernel(const ForwardParams p) {
+__global__ void __launch_bounds__(kThreads, kRotaryMinBlocks) qkv_rope_forward_kernel(const ForwardParams p, const ItemSpace space) {
   const Shape& s = p.shape;
-  const int row = (s.q_heads + 2 * s.kv_heads) * s.head_dim;
-  const int64_t plane = s.seq * s.head_dim;  // stride between heads in q, k, v
-  const unsigned int chunks = s.head_dim / 2 / N;
-  const unsigned int items = static_cast<unsigned int>(s.batch * s.seq) * chunks;
+  const bool rotate = p.rotary.positions != nullptr;
+  const unsigned int items = static_cast<unsigned int>(space.items);
   for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < items; i += gridDim.x * blockDim.x) {
-    const int64_t token = i / chunks;
-    const int chunk = static_cast<int>(i - token * chunks) * N;
-    const int64_t b = token / s.seq, pos = token - b * s.seq;
-    const T* src = static_cast<const T*>(p.qkv) + token * row + chunk;
-    const T* bias = p.bias == nullptr ? nullptr : static_cast<const T*>(p.bias) + chunk;
-    const int k_col = s.q_heads * s.head_dim, v_col = (s.q_heads + s.kv_heads) * s.head_dim;
+    const Item it = space.item(i, N);
+    float cos_v[N], sin_v[N];
+    angles_if_needed<N>(p.rotary, it, s.q_heads + s.kv_heads, 1.f, cos_v, sin_v);
+    const Place at = place_of(s, it.token, it.chunk);
+    const T* src = static_cast<const T*>(p.qkv) + at.row;
+    const T* bias = p.bias == nullptr ? nullptr : static_cast<const T*>(p.bias) + it.chunk;
     const HeadRun<T> runs[3] = {
-        {src, s.head_dim, static_cast<T*>(p.q) + plane_offset(s, b, pos, s.q_heads, chunk), plane,
-         bias, s.q_heads},
-        {src + k_col, s.head_dim, static_cast<T*>(p.k) + plane_offset(s, b, pos, s.kv_heads, chunk), plane,
-         bias == nullptr ? nullptr : bias + k_col, s.kv_heads},
-        {src + v_col, s.head_dim, static_cast<T*>(p.v) + plane_offset(s, b, pos, s.kv_heads, chunk), plane,
-         bias == nullptr ? nullptr : bias + v_col, s.kv_heads},
+        {src, s.head_dim, static_cast<T*>(p.q) + at.q_plane, at.plane, bias, s.q_heads, rotate},
+        {src + at.k_col, s.head_dim, static_cast<T*>(p.k) + at.kv_plane, at.plane,
+         bias == nullptr ? nullptr : bias + at.k_col, s.kv_heads, rotate},
+        {src + at.v_col, s.head_dim, static_cast<T*>(p.v) + at.kv_plane, at.plane,
+         bias == nullptr ? nullptr : bias + at.v_col, s.kv_heads, false},
     };
-    move_token<T, N>(runs, p.rotary, token, chunk, s.head_dim, 1.f);
+    move_heads<T, N, 3>(runs, it.head_begin, it.head_end, s.head_dim / 2, cos_v, sin_v);
   }
 }
 
 template <typename T, int N>
-__global__ void __launch_bounds__(kThreads) qkv_rope_backward_kernel(const BackwardParams p) {
+__global__ void __launch_bounds__(kThreads, kRotaryMinBlocks) qkv_rope_backward_kernel(const BackwardParams p, const ItemSpace space) {
   const Shape& s = p.shape;
-  const int row = (s.q_heads + 2 * s.kv_heads) * s.head_dim;
-  const int64_t plane = s.seq * s.head_dim;
-  const unsigned int chunks = s.head_dim / 2 / N;
-  const unsigned int items = static_cast<unsigned int>(s.batch * s.seq) * chunks;
+  const bool rotate = p.rotary.positions != nullptr;
+  const unsigned int items = static_cast<unsigned int>(space.items);
   for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < items; i += gridDim.x * blockDim.x) {
-    const int64_t token = i / chunks;
-    const int chunk = static_cast<int>(i - token * chunks) * N;
-    const int64_t b = token / s.seq, pos = token - b * s.seq;
-    T* dst = static_cast<T*>(p.grad_qkv) + token * row + chunk;
-    const int k_col = s.q_heads * s.head_dim, v_col = (s.q_heads + s.kv_heads) * s.head_dim;
+    const Item it = space.item(i, N);
+    float cos_v[N], sin_v[N];
+    angles_if_needed<N>(p.rotary, it, s.q_heads + s.kv_heads, -1.f, cos_v, sin_v);
+    const Place at = place_of(s, it.token, it.chunk);
+    T* dst = static_cast<T*>(p.grad_qkv) + at.row;
     const HeadRun<T> runs[3] = {
-        {static_cast<const T*>(p.grad_q) + plane_offset(s, b, pos, s.q_heads, chunk), plane, dst,
-         s.head_dim, nullptr, s.q_heads},
-        {static_cast<const T*>(p.grad_k) + plane_offset(s, b, pos, s.kv_heads, chunk), plane, dst + k_col,
-         s.head_dim, nullptr, s.kv_heads},
-        {static_cast<const T*>(p.grad_v) + plane_offset(s, b, pos, s.kv_heads, chunk), plane, dst + v_col,
-         s.head_dim, nullptr, s.kv_heads},
+        {static_cast<const T*>(p.grad_q) + at.q_plane, at.plane, dst, s.head_dim, nullptr, s.q_heads, rotate},
+        {static_cast<const T*>(p.grad_k) + at.kv_plane, at.plane, dst + at.k_col, s.head_dim, nullptr,
+         s.kv_heads, rotate},
+        {static_cast<const T*>(p.grad_v) + at.kv_plane, at.plane, dst + at.v_col, s.head_dim, nullptr,
+         s.kv_heads, false},
     };
-    move_token<T, N>(runs, p.rotary, token, chunk, s.head_dim, -1.f);
+    move_heads<T, N, 3>(runs, it.head_begin, it.head_end, s.head_dim / 2, cos_v, sin_v);
   }
 }
 
@@ -124,52 +100,55 @@ bool vectorizable(int head_dim, std::initializer_list<const void*> pointers) {
   return (head_dim / 2) % kVec<T> == 0;
 }
 
-const char* check_shape(const Shape& s) {
+// Instantiates `kernel` for the dtype and the vector width, sizes the item space and launches it.
+template <template <typename, int> class Kernel, typename Params>
+const char* launch_kernel(const Params& p, std::initializer_list<const void*> pointers) {
+  const Shape& s = p.shape;
   if (s.head_dim % 2 != 0) return "head_dim must be even";
-  if (s.batch * s.seq * (s.head_dim / 2) >= (int64_t{1} << 31)) return "too many tokens for 32-bit indexing";
-  return nullptr;
+  const int64_t tokens = s.batch * s.seq;
+  if (tokens == 0) return nullptr;
+  DeviceGuard guard(p.device);
+  auto stream = static_cast<cudaStream_t>(p.stream);
+  return dispatch_dtype(p.dtype, [&](auto tag) -> const char* {
+    using T = typename decltype(tag)::type;
+    auto launch = [&](auto n_tag) -> const char* {
+      constexpr int n = decltype(n_tag)::value;
+      const int64_t target = kWavesPerLaunch * Kernel<T, n>::resident_threads(p.device);
+      const ItemSpace space = item_space(tokens, s.head_dim / 2 / n, s.q_heads + 2 * s.kv_heads, target);
+      const int64_t items = space.items;
+      if (items >= (int64_t{1} << 31)) return "too many tokens for 32-bit indexing";
+      Kernel<T, n>::launch(grid_blocks(items, p.device), stream, p, space);
+      return launch_status();
+    };
+    if (vectorizable<T>(s.head_dim, pointers)) return launch(std::integral_constant<int, kVec<T>>{});
+    return launch(std::integral_constant<int, 1>{});
+  });
 }
+
+template <typename T, int N>
+struct Forward {
+  static void launch(unsigned int blocks, cudaStream_t stream, const ForwardParams& p, const ItemSpace& space) {
+    qkv_rope_forward_kernel<T, N><<<blocks, kThreads, 0, stream>>>(p, space);
+  }
+  static int64_t resident_threads(int device) { return resident_threads_of(qkv_rope_forward_kernel<T, N>, device); }
+};
+
+template <typename T, int N>
+struct Backward {
+  static void launch(unsigned int blocks, cudaStream_t stream, const BackwardParams& p, const ItemSpace& space) {
+    qkv_rope_backward_kernel<T, N><<<blocks, kThreads, 0, stream>>>(p, space);
+  }
+  static int64_t resident_threads(int device) { return resident_threads_of(qkv_rope_backward_kernel<T, N>, device); }
+};
 
 }  // namespace
 
 const char* launch_forward(const ForwardParams& p) {
-  if (const char* error = check_shape(p.shape)) return error;
-  const int64_t tokens = p.shape.batch * p.shape.seq;
-  if (tokens == 0) return nullptr;
-  DeviceGuard guard(p.device);
-  auto stream = static_cast<cudaStream_t>(p.stream);
-  return dispatch_dtype(p.dtype, [&](auto tag) -> const char* {
-    using T = typename decltype(tag)::type;
-    if (vectorizable<T>(p.shape.head_dim, {p.qkv, p.bias, p.q, p.k, p.v})) {
-      constexpr int n = kVec<T>;
-      const unsigned int blocks = grid_blocks(tokens * (p.shape.head_dim / 2 / n), p.device);
-      qkv_rope_forward_kernel<T, n><<<blocks, kThreads, 0, stream>>>(p);
-    } else {
-      const unsigned int blocks = grid_blocks(tokens * (p.shape.head_dim / 2), p.device);
-      qkv_rope_forward_kernel<T, 1><<<blocks, kThreads, 0, stream>>>(p);
-    }
-    return launch_status();
-  });
+  return launch_kernel<Forward>(p, {p.qkv, p.bias, p.q, p.k, p.v});
 }
 
 const char* launch_backward(const BackwardParams& p) {
-  if (const char* error = check_shape(p.shape)) return error;
-  const int64_t tokens = p.shape.batch * p.shape.seq;
-  if (tokens == 0) return nullptr;
-  DeviceGuard guard(p.device);
-  auto stream = static_cast<cudaStream_t>(p.stream);
-  return dispatch_dtype(p.dtype, [&](auto tag) -> const char* {
-    using T = typename decltype(tag)::type;
-    if (vectorizable<T>(p.shape.head_dim, {p.grad_q, p.grad_k, p.grad_v, p.grad_qkv})) {
-      constexpr int n = kVec<T>;
-      const unsigned int blocks = grid_blocks(tokens * (p.shape.head_dim / 2 / n), p.device);
-      qkv_rope_backward_kernel<T, n><<<blocks, kThreads, 0, stream>>>(p);
-    } else {
-      const unsigned int blocks = grid_blocks(tokens * (p.shape.head_dim / 2), p.device);
-      qkv_rope_backward_kernel<T, 1><<<blocks, kThreads, 0, stream>>>(p);
-    }
-    return launch_status();
-  });
+  return launch_kernel<Backward>(p, {p.grad_q, p.grad_k, p.grad_v, p.grad_qkv});
 }
 
 }  // namespace mjp::qkv_rope

@@ -181,9 +181,15 @@ class GradBuffers:
                     start, end = max(start, lo), min(end, hi)
                     if start < end:
                         found[r.kind].append((bucket.grads[start:end], r))
-        _sum_slices([v for v, _ in found["tp"]], self.dims.tp_group)
-        _sum_kv_slices(found["kv"], self.dims.tp_group)
-        _sum_slices([v for v, _ in found["embedding"]], self.dims.embedding_group)
+        sum_model_parallel(found, self.dims)
+
+
+def sum_model_parallel(found: dict, dims: ParallelDims):
+    """Apply GradReductions: `found` maps a kind ("tp", "kv", "embedding") to (gradient view, reduction)
+    pairs. Every peer must pass the same kinds with views of the same sizes."""
+    _sum_slices([v for v, _ in found.get("tp", [])], dims.tp_group)
+    _sum_kv_slices(found.get("kv", []), dims.tp_group)
+    _sum_slices([v for v, _ in found.get("embedding", [])], dims.embedding_group)
 
 
 def _sum_slices(views: list[torch.Tensor], group):

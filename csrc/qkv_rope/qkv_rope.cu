@@ -29,7 +29,8 @@ struct Place {
 };
 
 __device__ __forceinline__ Place place_of(const Shape& s, int64_t token, int chunk) {
-  const int64_t b = token / s.seq, pos = token - b * s.seq;
+  // 32-bit division: the launcher keeps every index below 2^31
+  const int64_t b = static_cast<unsigned int>(token) / static_cast<unsigned int>(s.seq), pos = token - b * s.seq;
   const int width = (s.q_heads + 2 * s.kv_heads) * s.head_dim;
   return Place{token * width + chunk, (b * s.q_heads * s.seq + pos) * s.head_dim + chunk,
                (b * s.kv_heads * s.seq + pos) * s.head_dim + chunk, s.seq * s.head_dim,
@@ -46,7 +47,8 @@ __device__ __forceinline__ void angles_if_needed(const Rotary& rotary, const Ite
 }
 
 template <typename T, int N>
-__global__ void __launch_bounds__(kThreads, kRotaryMinBlocks) qkv_rope_forward_kernel(const ForwardParams p, const ItemSpace space) {
+__global__ void __launch_bounds__(kThreads, kRotaryMinBlocks)
+    qkv_rope_forward_kernel(const ForwardParams p, const ItemSpace space) {
   const Shape& s = p.shape;
   const bool rotate = p.rotary.positions != nullptr;
   const unsigned int items = static_cast<unsigned int>(space.items);
@@ -69,7 +71,8 @@ __global__ void __launch_bounds__(kThreads, kRotaryMinBlocks) qkv_rope_forward_k
 }
 
 template <typename T, int N>
-__global__ void __launch_bounds__(kThreads, kRotaryMinBlocks) qkv_rope_backward_kernel(const BackwardParams p, const ItemSpace space) {
+__global__ void __launch_bounds__(kThreads, kRotaryMinBlocks)
+    qkv_rope_backward_kernel(const BackwardParams p, const ItemSpace space) {
   const Shape& s = p.shape;
   const bool rotate = p.rotary.positions != nullptr;
   const unsigned int items = static_cast<unsigned int>(space.items);

@@ -4,6 +4,8 @@
 order). Returns q [B, Hq, S, D], k and v [B, Hk, S, D], the layout torch SDPA takes.
 """
 
+from typing import Optional
+
 import torch
 
 from megatron_jp.ops import KERNEL_DTYPES, cuda_stream, load_extension
@@ -91,7 +93,7 @@ class QkvRopeFunction(torch.autograd.Function):
 
 
 @torch.library.custom_op("megatron_jp::qkv_rope", mutates_args=())
-def qkv_rope_op(qkv: torch.Tensor, bias: torch.Tensor | None, positions: torch.Tensor | None, theta: float,
+def qkv_rope_op(qkv: torch.Tensor, bias: Optional[torch.Tensor], positions: Optional[torch.Tensor], theta: float,
                 n_heads: int, n_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """torch.compile's view of the forward kernel."""
     return qkv_rope_forward(qkv, bias, positions, theta, n_heads, n_kv_heads, head_dim)
@@ -106,7 +108,7 @@ def _qkv_rope_fake(qkv, bias, positions, theta, n_heads, n_kv_heads, head_dim):
 
 @torch.library.custom_op("megatron_jp::qkv_rope_backward", mutates_args=())
 def qkv_rope_backward_op(grad_q: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.Tensor,
-                         positions: torch.Tensor | None, theta: float) -> torch.Tensor:
+                         positions: Optional[torch.Tensor], theta: float) -> torch.Tensor:
     """torch.compile's view of the backward kernel (first-order only)."""
     return qkv_rope_backward(grad_q, grad_k, grad_v, positions, theta)
 

@@ -108,5 +108,7 @@ def test_qkv_rope_custom_op_compiles_in_one_graph_with_its_backward():
         return (q.square().sum() + (k * v).sum())
 
     compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break raises
-    for g, w in zip(torch.autograd.grad(compiled(qkv, bias), (qkv, bias)), torch.autograd.grad(loss(qkv, bias), (qkv, bias))):
+    got = torch.autograd.grad(compiled(qkv, bias), (qkv, bias))
+    want = torch.autograd.grad(loss(qkv, bias), (qkv, bias))
+    for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)

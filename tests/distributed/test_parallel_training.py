@@ -32,11 +32,13 @@ WORLD2 = [
     case(tp=2, recompute="full"), case(pp=2, recompute="selective"),
     case("tiny-kv1", tp=2, sp=True, recompute="selective"),
     case("tiny-modernbert", pp=2), case("tiny-modernbert", pp=2, vpp=3), case("tiny-modernbert", tp=2, sp=True),
+    case("tiny-bert", tp=2, sp=True),  # post-norm, biases everywhere, learned positions, token types
 ]
 WORLD4 = [
     case(tp=2, pp=2), case(tp=2, pp=2, sp=True, recompute="full"), case(tp=2, dp=2, zero1=True, sp=True),
     case(tp=2, dp=2), case(pp=2, dp=2, zero1=True), case(pp=2, dp=2, vpp=2),
     case("tiny-modernbert", tp=2, pp=2, vpp=3, sp=True), case("tiny-kv1", tp=2, dp=2, zero1=True),
+    case("tiny-bert", tp=2, pp=2, sp=True),
 ]
 WORLD8 = [
     case(tp=2, pp=2, dp=2, zero1=True, sp=True, recompute="selective"),

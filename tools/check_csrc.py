@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Compile every CUDA kernel family of csrc/ on any machine with nvcc, GPU or not (DESIGN.md §6).
 
-    python tools/check_csrc.py [--jobs 2] [--out DIR] [--family rope ...]
+    python tools/check_csrc.py [--jobs 2] [--out DIR] [--family rope ...] [--csrc DIR]
 
 For each csrc/<family>/ holding .cu files: every .cu with `nvcc -c -std=c++17 -arch=sm_90a`, every
 binding .cpp with `g++ -std=c++20` against the installed torch's headers, then one shared library
@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CSRC = ROOT / "csrc"
 
 
 @dataclass
@@ -67,9 +66,9 @@ def cudart_dir(nvcc: str) -> Path:
     raise SystemExit(f"check_csrc: no libcudart.so under {home} (looked in {[str(c) for c in candidates]})")
 
 
-def families(selected: list[str] | None) -> dict[str, Path]:
+def families(csrc: Path, selected: list[str] | None) -> dict[str, Path]:
     """csrc/<family>/ folders with .cu files: the ones setup.py turns into extensions."""
-    found = {d.name: d for d in sorted(CSRC.iterdir()) if d.is_dir() and any(d.glob("*.cu"))}
+    found = {d.name: d for d in sorted(csrc.iterdir()) if d.is_dir() and any(d.glob("*.cu"))}
     if selected:
         missing = sorted(set(selected) - set(found))
         if missing:
@@ -90,15 +89,16 @@ def torch_flags() -> tuple[list[str], Path]:
 
 
 def compile_jobs(family: str, folder: Path, out: Path, nvcc: str, torch_includes: list[str]) -> list[Job]:
+    csrc = folder.parent  # the include root, as in setup.py
     jobs = []
     for cu in sorted(folder.glob("*.cu")):
-        cmd = [nvcc, "-c", "-std=c++17", "-arch=sm_90a", "-Xcompiler", "-fPIC", f"-I{CSRC}",
+        cmd = [nvcc, "-c", "-std=c++17", "-arch=sm_90a", "-Xcompiler", "-fPIC", f"-I{csrc}",
                str(cu), "-o", str(out / f"{cu.stem}.cu.o")]
         jobs.append(Job(cu, out / f"{cu.stem}.cu.o", cmd, cost=10.0))
     for cpp in sorted(folder.glob("*.cpp")):
         # -O0: this checks that the binding compiles; the real build optimises. torch/extension.h
         # alone takes ~30 s to parse, so each binding is the slow part of the check.
-        cmd = ["g++", "-c", "-std=c++20", "-fPIC", "-O0", "-Wall", f"-I{CSRC}", *torch_includes,
+        cmd = ["g++", "-c", "-std=c++20", "-fPIC", "-O0", "-Wall", f"-I{csrc}", *torch_includes,
                f"-DTORCH_EXTENSION_NAME=_{family}", str(cpp), "-o", str(out / f"{cpp.stem}.cpp.o")]
         jobs.append(Job(cpp, out / f"{cpp.stem}.cpp.o", cmd, cost=35.0))
     return jobs
@@ -131,14 +131,14 @@ def fail(what: str, cmd: list[str], result: subprocess.CompletedProcess):
     raise SystemExit(1)
 
 
-def check(out: Path, jobs_n: int, selected: list[str] | None) -> list[Path]:
+def check(csrc: Path, out: Path, jobs_n: int, selected: list[str] | None) -> list[Path]:
     nvcc = find_nvcc()
     if nvcc is None:
         raise SystemExit("check_csrc: nvcc not found (set CUDA_HOME or put nvcc on PATH)")
     torch_includes, torch_lib = torch_flags()
     cuda_lib = cudart_dir(nvcc)
     plan = {}
-    for family, folder in families(selected).items():
+    for family, folder in families(csrc, selected).items():
         (out / family).mkdir(parents=True, exist_ok=True)
         plan[family] = compile_jobs(family, folder, out / family, nvcc, torch_includes)
     todo = sorted((job for jobs in plan.values() for job in jobs), key=lambda j: -j.cost)
@@ -148,9 +148,10 @@ def check(out: Path, jobs_n: int, selected: list[str] | None) -> list[Path]:
             job, seconds, result = future.result()
             if result.returncode != 0:
                 pool.shutdown(wait=False, cancel_futures=True)
-                fail(str(job.source.relative_to(ROOT)), job.cmd, result)
+                fail(str(job.source.relative_to(csrc.parent)), job.cmd, result)
             warnings = result.stderr.strip()
-            print(f"  ok {seconds:5.1f}s  {job.source.relative_to(ROOT)}" + (f"\n{warnings}" if warnings else ""))
+            name = job.source.relative_to(csrc.parent)
+            print(f"  ok {seconds:5.1f}s  {name}" + (f"\n{warnings}" if warnings else ""))
     return [link(family, [job.output for job in jobs], out, torch_lib, cuda_lib) for family, jobs in plan.items()]
 
 
@@ -159,12 +160,13 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=int(os.environ.get("MAX_JOBS", 2)), help="parallel compiles")
     p.add_argument("--out", type=Path, help="keep objects and the linked _<family> libraries here")
     p.add_argument("--family", nargs="*", help="only these csrc/ folders (default: all with .cu files)")
+    p.add_argument("--csrc", type=Path, default=ROOT / "csrc", help="the kernel source tree (default: csrc/)")
     args = p.parse_args(argv)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="check_csrc_") as tmp:
         out = args.out or Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
-        libraries = check(out, args.jobs, args.family)
+        libraries = check(args.csrc.resolve(), out, args.jobs, args.family)
     names = ", ".join(lib.name for lib in libraries)
     print(f"check_csrc: {len(libraries)} kernel families compiled and linked ({names}) "
           f"in {time.perf_counter() - start:.1f}s with {args.jobs} jobs")

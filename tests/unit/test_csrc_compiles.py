@@ -36,6 +36,31 @@ def load(out: Path, family: str):
     return module
 
 
+def run_check(csrc: Path, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "check_csrc.py"), "--csrc", str(csrc),
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+
+
+def test_check_csrc_fails_loudly_on_a_kernel_that_does_not_compile(tmp_path):
+    (tmp_path / "csrc" / "broken").mkdir(parents=True)
+    (tmp_path / "csrc" / "broken" / "broken.cu").write_text("__global__ void k(float* x) { x[0] = undeclared; }\n")
+    result = run_check(tmp_path / "csrc", tmp_path / "out")
+    assert result.returncode != 0
+    assert "FAILED csrc/broken/broken.cu" in result.stderr and "undeclared" in result.stderr
+
+
+def test_check_csrc_fails_when_a_binding_calls_a_launcher_no_kernel_defines(tmp_path):
+    family = tmp_path / "csrc" / "mismatch"
+    family.mkdir(parents=True)
+    # the .cu defines launch(int) but the binding calls launch(long): an undefined symbol at import time
+    (family / "mismatch.cu").write_text("namespace mjp { const char* launch(int) { return nullptr; } }\n")
+    (family / "mismatch_binding.cpp").write_text(
+        "namespace mjp { const char* launch(long); }\nconst char* call() { return mjp::launch(1L); }\n")
+    result = run_check(tmp_path / "csrc", tmp_path / "out")
+    assert result.returncode != 0
+    assert "calls launchers no .cu defines" in result.stderr and "mjp::launch(long)" in result.stderr
+
+
 def test_every_kernel_family_compiles_and_links(built):
     assert FAMILIES == ["glu", "qkv_rope", "rope"]
     for family in FAMILIES:

@@ -303,15 +303,17 @@ class Stats:
                 "text_bytes": self.text_bytes, "seconds": round(time.time() - self.start, 3)}
 
 
-def _make_writers(args, dtype):
-    writers = {}
+def _make_writers(args, dtype, writers: dict) -> None:
+    """Fill `writers` (key -> (token writer, word writer or None)) one by one, so cleanup sees each."""
     for key in args.json_keys:
         prefix = output_prefix(args.output_prefix, key)
-        words = None
+        writers[key] = (indexed.IndexedDatasetWriter(prefix, dtype), None)
         if args.word_boundaries != "none":
-            words = indexed.IndexedDatasetWriter(indexed.words_prefix(prefix), np.uint8)
-        writers[key] = (indexed.IndexedDatasetWriter(prefix, dtype), words)
-    return writers
+            writers[key] = (writers[key][0], indexed.IndexedDatasetWriter(indexed.words_prefix(prefix), np.uint8))
+
+
+def _each(writers: dict):
+    return [w for pair in writers.values() for w in pair if w is not None]
 
 
 def _write(writers, result: ChunkResult) -> int:
@@ -346,27 +348,22 @@ def run(args) -> dict:
     opts = {"keys": args.json_keys, "tokenizer_type": args.tokenizer_type, "tokenizer_model": args.tokenizer_model,
             "word_boundaries": args.word_boundaries, "append_eod": args.append_eod, "dtype": np.dtype(dtype).str}
     build_segmenter(args.word_boundaries)  # fail now, not in a worker, if the segmenter is missing
-    writers = _make_writers(args, dtype)
     stats, bar = Stats(), _progress(sum(os.path.getsize(p) for p in paths), args.quiet)
+    writers = {}
     try:
+        _make_writers(args, dtype, writers)  # inside try: a signal from here on cleans up
         for chunk, result in ordered_results(iter_chunks(paths, args.max_document_bytes), opts, args.workers):
             _check_errors(result, args.on_error)
             stats.add(result, _write(writers, result))
             bar.update(chunk.file_bytes)
             bar.set_postfix_str(stats.rates(), refresh=False)
-        for pair in writers.values():
-            for w in pair:
-                if w is not None:
-                    w.finalize()
-        for pair in writers.values():
-            for w in pair:
-                if w is not None:
-                    w.commit()
+        for w in _each(writers):
+            w.finalize()
+        for w in _each(writers):  # only once every shard is complete
+            w.commit()
     except BaseException:
-        for pair in writers.values():
-            for w in pair:
-                if w is not None:
-                    w.abort()
+        for w in _each(writers):
+            w.abort()
         raise
     finally:
         bar.close()

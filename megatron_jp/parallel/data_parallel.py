@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_jp.parallel.dims import ParallelDims
-from megatron_jp.parallel.mappings import _reduce_scatter_single
+from megatron_jp.parallel.mappings import reduce_scatter_single
 from megatron_jp.parallel.sharding import ParamInfo
 
 DEFAULT_BUCKET_SIZE = 40_000_000  # elements; Megatron's default order of magnitude
@@ -135,7 +135,7 @@ class GradBuffers:
         if self.shard_grads:
             bucket.out = torch.empty(bucket.plan.numel // self.dims.dp, dtype=torch.float32,
                                      device=bucket.grads.device)
-            bucket.work = _reduce_scatter_single(bucket.out, bucket.grads, group=group, async_op=True)
+            bucket.work = reduce_scatter_single(bucket.out, bucket.grads, group=group, async_op=True)
         else:
             bucket.work = dist.all_reduce(bucket.grads, group=group, async_op=True)
 

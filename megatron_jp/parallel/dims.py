@@ -83,6 +83,11 @@ class ParallelDims:
         """Whether this object carries process groups (False: one process, or a layout-only object)."""
         return self.world_group is not None
 
+    def dropout_seed(self, seed: int) -> int:
+        """A torch seed for this rank's dropout: equal over tensor-parallel peers (they run replicated
+        regions that must drop the same elements), distinct over data-parallel replicas and stages."""
+        return seed + 1_000_003 * self.pp_rank + 7919 * self.dp_rank
+
     # ------------------------------------------------------------------------------------ builders
 
     @classmethod

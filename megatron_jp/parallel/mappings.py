@@ -17,9 +17,10 @@ import torch.distributed as dist
 
 SEQ_DIM = 1
 
-# torch >= 2.11 renamed the single-tensor collectives; keep older torch working on clusters
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+# newer torch deprecates reduce_scatter_tensor/all_gather_into_tensor for the *_single names; older
+# torch (clusters) only has the former
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def group_size(group) -> int:
@@ -56,7 +57,7 @@ def all_gather_seq(x: torch.Tensor, group) -> torch.Tensor:
         return x
     local = x.movedim(SEQ_DIM, 0).contiguous()  # (S/tp, B, H): gather along a contiguous leading dim
     out = local.new_empty((size * local.shape[0],) + tuple(local.shape[1:]))
-    _all_gather_single(out, local, group=group)
+    all_gather_single(out, local, group=group)
     return out.movedim(0, SEQ_DIM).contiguous()
 
 
@@ -69,7 +70,7 @@ def reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
         raise ValueError(f"sequence parallelism needs the sequence length ({full.shape[0]}) divisible "
                          f"by the tensor-parallel size ({size})")
     out = full.new_empty((full.shape[0] // size,) + tuple(full.shape[1:]))
-    _reduce_scatter_single(out, full, group=group)
+    reduce_scatter_single(out, full, group=group)
     return out.movedim(0, SEQ_DIM).contiguous()
 
 

@@ -9,6 +9,7 @@ local shard is cut out of it, so every layout starts from the single-process wei
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -43,6 +44,7 @@ class ParallelModel(nn.Module):
         self.chunks = nn.ModuleList(chunks)
         self.sequence_parallel, self.dtype = sequence_parallel, dtype
         self.grad_buffers: GradBuffers | None = None
+        self._p2p_ready = False  # pipeline communicators created (parallel/pipeline.py)
 
     def global_chunk(self, v: int) -> int:
         return v * self.dims.pp + self.dims.pp_rank
@@ -149,9 +151,8 @@ def describe_params(model: ParallelModel, plans: list[dict[str, TPPlan]]) -> lis
             if full_name == TIED and cfg.tie_embeddings and dims.pp > 1:
                 reductions += (GradReduction("embedding"),)
                 if name != TIED:  # the last stage's copy: the first stage owns it
-                    spec = ShardSpec(spec.full_name, spec.full_shape, spec.dim,
-                                     tuple(p.__class__(p.local_start, p.full_start, p.length, False)
-                                           for p in spec.pieces))
+                    pieces = tuple(dataclasses.replace(p, unique=False) for p in spec.pieces)
+                    spec = dataclasses.replace(spec, pieces=pieces)
             infos.append(ParamInfo(param, v, name, spec, reductions, decays(param)))
     return infos
 

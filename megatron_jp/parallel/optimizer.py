@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from megatron_jp.config import OptimConfig
 from megatron_jp.parallel.dims import ParallelDims
-from megatron_jp.parallel.mappings import _all_gather_single
+from megatron_jp.parallel.mappings import all_gather_single
 from megatron_jp.parallel.sharding import local_from_pieces, sharded_pieces
 from megatron_jp.training.optim import adamw_update_, clip_coefficient
 
@@ -127,7 +127,7 @@ class DistributedOptimizer:
             if shard.master.data_ptr() != shard.params.data_ptr():
                 shard.params.copy_(shard.master)
             if self.zero1:
-                _all_gather_single(shard.bucket.params, shard.params.clone(), group=self.dims.dp_group)
+                all_gather_single(shard.bucket.params, shard.params.clone(), group=self.dims.dp_group)
 
     @torch.no_grad()
     def sync_master_from_params(self):
@@ -178,7 +178,7 @@ class DistributedOptimizer:
         if not self.zero1:
             return local.clone()
         full = local.new_empty(shard.bucket.plan.numel)
-        _all_gather_single(full, local.contiguous(), group=self.dims.dp_group)
+        all_gather_single(full, local.contiguous(), group=self.dims.dp_group)
         return full
 
     @torch.no_grad()

@@ -166,12 +166,22 @@ class PipelineRun:
         self.last_backward = {a.chunk: i for i, s in enumerate(self.program) if (a := s.action) and a.kind == "B"}
 
     def run(self):
+        self._warm_up()
         for index, step in enumerate(self.program):
             outgoing = None
             if step.action is not None:
                 outgoing = self._compute(step.action, index)
             self._exchange(step, outgoing)
         assert not self.outputs and not self.received, "pipeline finished with unconsumed tensors"
+
+    def _warm_up(self):
+        """NCCL creates a group's communicator on its first use, with every rank of the group; the
+        first p2p batch involves only two stages, so one collective over the pipeline group comes
+        first (once per model)."""
+        dims = self.model.dims
+        if dims.pp_group is not None and not self.model._p2p_ready:
+            dist.all_reduce(torch.zeros(1, device=dims.device), group=dims.pp_group)
+            self.model._p2p_ready = True
 
     def _compute(self, action: Action, index: int):
         if action.kind == "F":

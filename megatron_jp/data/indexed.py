@@ -176,15 +176,28 @@ class IndexedDatasetWriter:
 
     def add_documents(self, flat, lengths) -> None:
         """Append several documents given as one flat array and their lengths."""
-        flat = np.asarray(flat)
-        if flat.size and (self.dtype.kind in "iu") and flat.dtype.kind in "iu":
-            info = np.iinfo(self.dtype)
-            if flat.min() < info.min or flat.max() > info.max:
-                raise ValueError(f"{self.prefix}: values outside the range of {self.dtype}")
-        self._bin.write(flat.astype(self.dtype, copy=False).tobytes())
-        self._lengths.write(np.asarray(lengths, dtype=np.int32).tobytes())
+        self.add_parts([flat], lengths)
+
+    def add_parts(self, parts, lengths) -> None:
+        """Append documents whose tokens are the concatenation of `parts` (split anywhere)."""
+        n = 0
+        for part in parts:
+            part = np.asarray(part)
+            self._check_range(part)
+            self._bin.write(part.astype(self.dtype, copy=False).data)
+            n += part.size
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if n != int(lengths.sum()):
+            raise ValueError(f"{self.prefix}: {n} tokens given for documents of {int(lengths.sum())} tokens")
+        self._lengths.write(lengths.astype(np.int32).tobytes())
         self.n_docs += len(lengths)
-        self.n_tokens += int(flat.size)
+        self.n_tokens += n
+
+    def _check_range(self, part: np.ndarray) -> None:
+        if part.size and part.dtype != self.dtype and part.dtype.kind in "iu" and self.dtype.kind in "iu":
+            info = np.iinfo(self.dtype)
+            if part.min() < info.min or part.max() > info.max:
+                raise ValueError(f"{self.prefix}: values outside the range of {self.dtype}")
 
     def finalize(self) -> None:
         """Write the temporary .idx from the streamed lengths (in blocks: memory stays bounded)."""

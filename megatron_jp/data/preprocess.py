@@ -63,7 +63,7 @@ class Chunk:
 @dataclass
 class ChunkResult:
     path: str
-    tokens: dict  # key -> (flat ids, lengths, flat word flags or None)
+    tokens: dict  # key -> (id arrays, document lengths, word-flag arrays or None)
     errors: list
     n_docs: int
     n_text_bytes: int
@@ -202,37 +202,39 @@ def parse_line(raw: bytes, keys: list[str]):
     return texts, None
 
 
-def _encode(text: str):
-    """(ids, word flags or None) of one text, piecewise for very long texts."""
+def _pieces(text: str):
+    return [text] if len(text) <= LONG_TEXT_CHARS else (c for _, c in text_chunks(text, LONG_TEXT_CHARS))
+
+
+def _encode(text: str, dtype):
+    """(id arrays in the output dtype, word-flag arrays or None) of one text, piecewise if very long."""
     tok, seg = _WORKER["tokenizer"], _WORKER["segmenter"]
-    pieces = [text] if len(text) <= LONG_TEXT_CHARS else [c for _, c in text_chunks(text, LONG_TEXT_CHARS)]
     ids, flags = [], []
-    for piece in pieces:
+    for piece in _pieces(text):
         if seg is None:
-            ids.append(tok.encode(piece))
+            ids.append(tok.encode(piece).astype(dtype, copy=False))
             continue
         piece_ids, starts, ends = tok.encode_with_offsets(piece)
         m_starts, m_ends = seg.spans(piece)
-        ids.append(piece_ids)
+        ids.append(piece_ids.astype(dtype, copy=False))
         flags.append(word_start_flags(starts, ends, m_starts, m_ends, len(piece)))
     return ids, (flags if seg is not None else None)
 
 
-def _key_arrays(docs: list[list], opts: dict, eod: int):
-    """Flat ids, lengths and flags of the documents of one key."""
+def _key_arrays(docs: list, opts: dict, eod: int):
+    """(id arrays, document lengths, flag arrays or None) of one key; arrays are not concatenated,
+    which would copy a huge document once more."""
     dtype = np.dtype(opts["dtype"])
     ids, lengths, flags = [], [], []
     for parts, part_flags in docs:
         if opts["append_eod"]:
-            parts = parts + [np.array([eod], dtype=np.int32)]
+            parts = parts + [np.array([eod], dtype=dtype)]
             part_flags = None if part_flags is None else part_flags + [np.ones(1, np.uint8)]
-        ids += [p.astype(dtype, copy=False) for p in parts]
+        ids += parts
         lengths.append(sum(len(p) for p in parts))
         if part_flags is not None:
             flags += part_flags
-    flat = np.concatenate(ids) if ids else np.zeros(0, dtype)
-    words = (np.concatenate(flags) if flags else np.zeros(0, np.uint8)) if opts["word_boundaries"] != "none" else None
-    return flat, np.asarray(lengths, dtype=np.int64), words
+    return ids, np.asarray(lengths, dtype=np.int64), (flags if opts["word_boundaries"] != "none" else None)
 
 
 def process_chunk(chunk: Chunk) -> ChunkResult:
@@ -241,18 +243,20 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
     keys, errors = opts["keys"], list(chunk.errors)
     per_key = {k: [] for k in keys}
     n_docs = n_bytes = blanks = 0
-    for line_no, raw in chunk.lines:
-        if not raw.strip():
-            blanks += 1
-            continue
-        texts, err = parse_line(raw, keys)
-        if err:
-            errors.append((line_no, *err))
+    dtype = np.dtype(opts["dtype"])
+    for i, (line_no, raw) in enumerate(chunk.lines):
+        chunk.lines[i] = None  # drop each raw line once parsed: a huge document is held once, not twice
+        size, blank = len(raw), not raw.strip()
+        texts, err = (None, None) if blank else parse_line(raw, keys)
+        del raw
+        if blank or err:
+            blanks += blank
+            errors += [(line_no, *err)] if err else []
             continue
         n_docs += 1
-        n_bytes += len(raw)
+        n_bytes += size
         for key, text in zip(keys, texts):
-            per_key[key].append(_encode(text))
+            per_key[key].append(_encode(text, dtype))
     eod = _WORKER["tokenizer"].eod_id
     tokens = {k: _key_arrays(docs, opts, eod) for k, docs in per_key.items()}
     return ChunkResult(chunk.path, tokens, sorted(errors), n_docs, n_bytes, blanks)
@@ -318,12 +322,12 @@ def _each(writers: dict):
 
 def _write(writers, result: ChunkResult) -> int:
     n = 0
-    for key, (flat, lengths, words) in result.tokens.items():
+    for key, (parts, lengths, words) in result.tokens.items():
         tok_writer, word_writer = writers[key]
-        tok_writer.add_documents(flat, lengths)
+        tok_writer.add_parts(parts, lengths)
         if word_writer is not None:
-            word_writer.add_documents(words, lengths)
-        n += len(flat)
+            word_writer.add_parts(words, lengths)
+        n += int(lengths.sum())
     return n
 
 

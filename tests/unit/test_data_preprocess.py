@@ -178,9 +178,10 @@ def test_50mb_document_is_refused_above_the_limit_with_the_reason(tmp_path, huge
 @pytest.mark.slow
 def test_50mb_document_is_processed_in_bounded_memory_when_allowed(tmp_path, huge):
     src, n_bytes = huge
-    code = ("import resource, sys; from megatron_jp.data.preprocess import main; "
-            "rc = main(sys.argv[1:]); print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); "
-            "sys.exit(rc)")
+    # VmHWM is this process's own peak (ru_maxrss would include the forking pytest's, kept across exec).
+    code = ("import sys; from megatron_jp.data.preprocess import main; rc = main(sys.argv[1:]); "
+            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
+            "print('MAXRSS', hwm); sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code, "--input", src, "--output-prefix", str(tmp_path / "o"),
                            *BYTE, "--max-document-bytes", "0", "--quiet"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
@@ -188,7 +189,8 @@ def test_50mb_document_is_processed_in_bounded_memory_when_allowed(tmp_path, hug
     ds = IndexedDataset(str(tmp_path / "o_text_document"))
     assert ds.doc_lengths[1] == n_bytes  # one byte token per byte of the text
     # ~ raw line + decoded text + uint16 ids: a few times the document, never the corpus.
-    assert peak_mb < 12 * n_bytes / 2**20, f"peak RSS {peak_mb:.0f} MB"
+    assert peak_mb < 8 * n_bytes / 2**20, f"peak RSS {peak_mb:.0f} MB"
+    print(f"peak RSS {peak_mb:.0f} MB for a {n_bytes / 2**20:.0f} MB document")
 
 
 def test_killed_run_leaves_no_complete_shard(tmp_path):

@@ -74,17 +74,35 @@ class BatchSpec:
     mask_prob: float
 
 
+class _Plan:
+    """Which samples, seq length and mask rate each micro-batch of one rank gets. It holds no
+    reference to the loader, so the DataLoader iterator that samples from it forms no cycle with
+    the TrainLoader (a cycle delays the workers' shutdown by seconds)."""
+
+    def __init__(self, micro_batch_size: int, dp_rank: int, dp_size: int, global_batch_size: int | None):
+        self.micro_batch_size, self.dp_rank = micro_batch_size, dp_rank
+        self.samples_per_micro_step = micro_batch_size * dp_size
+        self.global_batch_size = global_batch_size or self.samples_per_micro_step
+        self.mask_prob_at = self.seq_length_at = None
+
+    def spec_at(self, consumed: int) -> BatchSpec:
+        step = consumed // self.global_batch_size
+        first = consumed + self.dp_rank * self.micro_batch_size
+        return BatchSpec(consumed, first, self.micro_batch_size, int(self.seq_length_at(step)),
+                         float(self.mask_prob_at(step)))
+
+
 class _SpecStream:
     """The DataLoader's sampler: an endless stream of BatchSpecs from a starting position."""
 
-    def __init__(self, loader: "TrainLoader", consumed: int):
-        self.loader, self.consumed = loader, consumed
+    def __init__(self, plan: _Plan, consumed: int):
+        self.plan, self.consumed = plan, consumed
 
     def __iter__(self):
         consumed = self.consumed
         while True:
-            yield self.loader.spec_at(consumed)
-            consumed += self.loader.samples_per_micro_step
+            yield self.plan.spec_at(consumed)
+            consumed += self.plan.samples_per_micro_step
 
 
 class _SpecDataset(torch.utils.data.Dataset):
@@ -107,39 +125,38 @@ class TrainLoader:
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
         self.mlm, self.micro_batch_size, self.dp_rank, self.dp_size = mlm, micro_batch_size, dp_rank, dp_size
-        self.samples_per_micro_step = micro_batch_size * dp_size
-        self.global_batch_size = global_batch_size or self.samples_per_micro_step
+        self.plan = _Plan(micro_batch_size, dp_rank, dp_size, global_batch_size)
+        self.samples_per_micro_step = self.plan.samples_per_micro_step
+        self.global_batch_size = self.plan.global_batch_size
         self.num_workers, self.seed = num_workers, seed
         self.consumed_samples, self.last_spec, self._it = 0, None, None
         self.set_mask_prob(mask_prob_at)
         self.set_seq_length(seq_length_at)
 
-    def _schedule(self, value_or_fn):
+    @staticmethod
+    def _schedule(value_or_fn):
         return value_or_fn if callable(value_or_fn) else _constant(value_or_fn)
 
     def set_mask_prob(self, value_or_schedule) -> None:
         """Mask rate from the next batch on: a float, or a function of the optimizer step."""
-        self.mask_prob_at = self._schedule(value_or_schedule)
+        self.plan.mask_prob_at = self._schedule(value_or_schedule)
 
     def set_seq_length(self, value_or_schedule) -> None:
         """Seq length from the next batch on: an int, or a function of the optimizer step."""
-        self.seq_length_at = self._schedule(value_or_schedule)
+        self.plan.seq_length_at = self._schedule(value_or_schedule)
         for s in getattr(value_or_schedule, "values", lambda: [value_or_schedule])():
             if isinstance(s, numbers.Integral):
-                self.mlm.prepare(s)
+                self.mlm.prepare(int(s))
 
     @property
     def step(self) -> int:
         return self.consumed_samples // self.global_batch_size
 
     def spec_at(self, consumed: int) -> BatchSpec:
-        step = consumed // self.global_batch_size
-        first = consumed + self.dp_rank * self.micro_batch_size
-        return BatchSpec(consumed, first, self.micro_batch_size, int(self.seq_length_at(step)),
-                         float(self.mask_prob_at(step)))
+        return self.plan.spec_at(consumed)
 
     def _start(self):
-        stream = _SpecStream(self, self.consumed_samples)
+        stream = _SpecStream(self.plan, self.consumed_samples)
         if self.num_workers <= 0:
             self._it = (_SpecDataset(self.mlm)[spec] for spec in stream)
             return
@@ -162,6 +179,10 @@ class TrainLoader:
         self.consumed_samples += self.samples_per_micro_step
         self.last_spec = spec
         return batch
+
+    def close(self) -> None:
+        """Stop the DataLoader workers now (they also stop when the loader is garbage collected)."""
+        self._it = None
 
     def state_dict(self) -> dict:
         return {"consumed_samples": self.consumed_samples, "seed": self.seed,

@@ -61,9 +61,7 @@ def test_gz_glob_several_keys_and_append_eod(tmp_path):
         assert all(ds[i][-1] == tok.eod_id for i in range(6))
 
 
-def test_two_workers_write_the_same_bytes_as_one(tmp_path, monkeypatch):
-    from megatron_jp.data import preprocess as pp
-
+def test_two_workers_write_the_same_bytes_as_one(tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", documents(300))
     outs = []
     for workers in (1, 2):

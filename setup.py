@@ -84,7 +84,7 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest"],
+        "test": ["pytest", "megatron-core==0.16.1"],  # megatron-core: reference reader of our shards
         "plot": ["matplotlib"],
         "sudachi": ["sudachipy", "sudachidict-core"],
     },

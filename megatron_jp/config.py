@@ -176,6 +176,9 @@ class TrainConfig:
     rampup_batch_size: str = ""
     """Global batch-size ramp-up "START INCREMENT STEPS": from START, growing by INCREMENT in equal
     stages until global_batch_size is reached at step STEPS. Empty: no ramp-up."""
+    max_skipped_steps: int = 5
+    """A step whose loss or gradient norm is NaN/inf is skipped (no update) and counted; this many
+    skipped in a row abort the run."""
 
 
 @dataclass
@@ -233,7 +236,15 @@ class CheckpointConfig:
     keep: int = 2
     """Keep the last N checkpoints; 0 keeps all."""
     load: str = ""
-    """Start from this checkpoint (a new phase) instead of resuming from dir/latest."""
+    """Start a new phase from this checkpoint (a CKPT_DIR or an iter_* folder) when dir holds no
+    `latest` yet; e.g. context extension with a new seq_length, rope_theta or data. Once the phase
+    has saved, runs resume from dir/latest."""
+    reset_optimizer: bool = False
+    """With load: start from fresh AdamW moments instead of the loaded ones."""
+    reset_schedule: bool = False
+    """With load: restart the step count (learning-rate schedule, curricula) and the data position at 0."""
+    async_save: bool = False
+    """Write checkpoints in the background while training goes on (published when complete)."""
 
 
 @dataclass
@@ -545,6 +556,25 @@ def validate_layout(cfg: Config, world_size: int):
     _check(t.global_batch_size % (t.micro_batch_size * dp) == 0,
            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
            f"train.micro_batch_size x data-parallel size ({t.micro_batch_size} x {dp})")
+    from megatron_jp.training.schedules import parse_rampup, parse_stages
+
+    rampup = parse_rampup(t.rampup_batch_size)
+    _check(rampup is None or (rampup[0] % (t.micro_batch_size * dp) == 0
+                              and rampup[1] % (t.micro_batch_size * dp) == 0),
+           f"train.rampup_batch_size: START and INCREMENT must be multiples of train.micro_batch_size x "
+           f"data-parallel size ({t.micro_batch_size} x {dp})")
+    if p.virtual_pipeline > 1:  # interleaved 1F1B runs micro-batches in groups of `pipeline`
+        sizes = [t.global_batch_size] + ([rampup[0], rampup[1]] if rampup else [])
+        _check(all((size // (t.micro_batch_size * dp)) % p.pipeline == 0 for size in sizes),
+               f"parallel.virtual_pipeline > 1: the micro-batches per data-parallel rank (global batch "
+               f"{t.global_batch_size} / ({t.micro_batch_size} x {dp}), and every ramp-up size) must be a "
+               f"multiple of parallel.pipeline ({p.pipeline})")
+    if p.sequence_parallel and p.tensor > 1:
+        lengths = [cfg.data.seq_length] + [n for _, n in parse_stages(cfg.data.seq_length_stages,
+                                                                     "data.seq_length_stages", int)]
+        _check(all(n % p.tensor == 0 for n in lengths),
+               f"parallel.sequence_parallel: data.seq_length (and every seq_length stage) must be a multiple "
+               f"of parallel.tensor ({p.tensor}), got {lengths}")
 
 
 # ----------------------------------------------------------------------------- documentation

@@ -79,14 +79,19 @@ class _Plan:
     reference to the loader, so the DataLoader iterator that samples from it forms no cycle with
     the TrainLoader (a cycle delays the workers' shutdown by seconds)."""
 
-    def __init__(self, micro_batch_size: int, dp_rank: int, dp_size: int, global_batch_size: int | None):
+    def __init__(self, micro_batch_size: int, dp_rank: int, dp_size: int, global_batch_size: int | None,
+                 step_of=None):
         self.micro_batch_size, self.dp_rank = micro_batch_size, dp_rank
         self.samples_per_micro_step = micro_batch_size * dp_size
         self.global_batch_size = global_batch_size or self.samples_per_micro_step
+        self.step_of = step_of or self._fixed_batch_step
         self.mask_prob_at = self.seq_length_at = None
 
+    def _fixed_batch_step(self, consumed: int) -> int:
+        return consumed // self.global_batch_size
+
     def spec_at(self, consumed: int) -> BatchSpec:
-        step = consumed // self.global_batch_size
+        step = self.step_of(consumed)
         first = consumed + self.dp_rank * self.micro_batch_size
         return BatchSpec(consumed, first, self.micro_batch_size, int(self.seq_length_at(step)),
                          float(self.mask_prob_at(step)))
@@ -121,11 +126,11 @@ class TrainLoader:
     """Endless iterator of this rank's micro-batches; `state_dict()`/`load_state_dict()` resume it."""
 
     def __init__(self, mlm: MLMDataset, *, micro_batch_size: int, dp_rank: int, dp_size: int, num_workers: int,
-                 global_batch_size: int | None, mask_prob_at, seq_length_at, seed: int):
+                 global_batch_size: int | None, mask_prob_at, seq_length_at, seed: int, step_of=None):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} outside [0, {dp_size})")
         self.mlm, self.micro_batch_size, self.dp_rank, self.dp_size = mlm, micro_batch_size, dp_rank, dp_size
-        self.plan = _Plan(micro_batch_size, dp_rank, dp_size, global_batch_size)
+        self.plan = _Plan(micro_batch_size, dp_rank, dp_size, global_batch_size, step_of)
         self.samples_per_micro_step = self.plan.samples_per_micro_step
         self.global_batch_size = self.plan.global_batch_size
         self.num_workers, self.seed = num_workers, seed
@@ -150,7 +155,7 @@ class TrainLoader:
 
     @property
     def step(self) -> int:
-        return self.consumed_samples // self.global_batch_size
+        return self.plan.step_of(self.consumed_samples)
 
     def spec_at(self, consumed: int) -> BatchSpec:
         return self.plan.spec_at(consumed)
@@ -244,10 +249,12 @@ def build_mlm_dataset(cfg, tokenizer, seed: int, stream: int) -> MLMDataset | No
 
 def build_data_loaders(data_cfg, tokenizer, *, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int,
                        global_batch_size: int | None = None, mask_prob_at=None, seq_length_at=None,
-                       valid_max_batches: int | None = None):
+                       valid_max_batches: int | None = None, step_of=None):
     """(train_loader, valid_loader or None) for a DataConfig-like object (see the module docstring).
 
     mask_prob_at / seq_length_at default to the constants data_cfg.mask_prob / data_cfg.seq_length.
+    step_of(consumed_samples) -> optimizer step, for the curricula; the default, consumed //
+    global_batch_size, is wrong under a batch-size ramp-up, which passes its own.
     """
     train_set = build_mlm_dataset(data_cfg, tokenizer, seed, TRAIN)
     if train_set is None:
@@ -255,7 +262,8 @@ def build_data_loaders(data_cfg, tokenizer, *, micro_batch_size: int, dp_rank: i
     train = TrainLoader(train_set, micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
                         num_workers=data_cfg.num_workers, global_batch_size=global_batch_size,
                         mask_prob_at=data_cfg.mask_prob if mask_prob_at is None else mask_prob_at,
-                        seq_length_at=data_cfg.seq_length if seq_length_at is None else seq_length_at, seed=seed)
+                        seq_length_at=data_cfg.seq_length if seq_length_at is None else seq_length_at, seed=seed,
+                        step_of=step_of)
     valid_set = build_mlm_dataset(data_cfg, tokenizer, seed, VALID)
     valid = None if valid_set is None else ValidLoader(
         valid_set, micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,

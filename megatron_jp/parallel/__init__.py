@@ -10,7 +10,7 @@ The training driver's view::
                                  recompute=cfg.train.recompute,
                                  sequence_parallel=cfg.parallel.sequence_parallel)
     optimizer = build_optimizer(model, cfg.optim, dims, zero1=cfg.parallel.zero1)
-    out = train_step(model, optimizer, micro_batches, dims, lr)   # {loss, grad_norm, num_tokens}
+    out = train_step(model, optimizer, micro_batches, dims, lr)   # {loss, grad_norm, num_tokens, skipped}
     out = eval_step(model, micro_batches, dims)                   # {loss, accuracy, num_tokens}
 
 `micro_batches` is this data-parallel rank's list of micro-batch dicts of (B, S) int64 tensors:

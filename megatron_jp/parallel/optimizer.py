@@ -101,10 +101,16 @@ class DistributedOptimizer:
         return math.sqrt(squares.item())
 
     @torch.no_grad()
-    def step(self, lr: float) -> float:
-        """Finish the gradient sums, clip to optim.clip_grad, update; returns the norm before clipping."""
+    def step(self, lr: float, skip: bool = False) -> float:
+        """Finish the gradient sums, clip to optim.clip_grad, update; returns the norm before clipping.
+
+        A non-finite norm, or skip=True (the caller saw a non-finite loss), leaves parameters and
+        optimizer state untouched: the step is skipped, as in Megatron, not applied with NaNs.
+        """
         self.buffers.finish()
         norm = self.grad_norm()
+        if skip or not math.isfinite(norm):
+            return norm
         coef = clip_coefficient(norm, self.cfg.clip_grad)
         self.step_count += 1
         for shard in self.shards:

@@ -9,6 +9,8 @@ each micro-batch's summed loss is divided by that total before backward; gradien
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -44,8 +46,9 @@ def token_losses(model, output) -> torch.Tensor:
 def train_step(model, optimizer, micro_batches: list[dict], dims: ParallelDims, lr: float) -> dict:
     """Forward and backward over every micro-batch (pipelined), gradient sync, clipping, AdamW.
 
-    Returns loss (global mean over predicted tokens), grad_norm (before clipping) and num_tokens
-    (predicted tokens in the global batch), identical on every rank.
+    Returns loss (global mean over predicted tokens), grad_norm (before clipping), num_tokens
+    (predicted tokens in the global batch) and skipped (a NaN/inf loss or norm: nothing was
+    updated), identical on every rank.
     """
     model.train()
     batches = _to_device(micro_batches, dims.device)
@@ -63,10 +66,11 @@ def train_step(model, optimizer, micro_batches: list[dict], dims: ParallelDims, 
         return loss
 
     run_pipeline(model, batches, forward_step, train=True)
-    grad_norm = optimizer.step(lr)
     loss = torch.stack(losses).sum() if losses else torch.zeros((), device=dims.device)
-    loss = _sum(loss.double(), dims.pp_group, dims.dp_group)  # only last stages hold losses
-    return {"loss": loss.item(), "grad_norm": grad_norm, "num_tokens": total}
+    loss = _sum(loss.double(), dims.pp_group, dims.dp_group).item()  # only last stages hold losses
+    grad_norm = optimizer.step(lr, skip=not math.isfinite(loss))
+    return {"loss": loss, "grad_norm": grad_norm, "num_tokens": total,
+            "skipped": not (math.isfinite(loss) and math.isfinite(grad_norm))}
 
 
 @torch.no_grad()

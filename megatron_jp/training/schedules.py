@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from megatron_jp.config import ConfigError, OptimConfig
 
 
@@ -75,3 +77,31 @@ def global_batch_size(step: int, rampup: tuple[int, int, int] | None, final: int
     n_stages = max((final - start) // increment, 1)
     stage = min(step * n_stages // max(steps, 1), n_stages)
     return min(start + stage * increment, final)
+
+
+class BatchSizeSchedule:
+    """The global batch size per step (with its ramp-up) and the inverse the data loader needs:
+    which step a sample position falls in (`step_of(consumed_samples)`), so that curricula keyed by
+    step stay right while the batch grows."""
+
+    def __init__(self, rampup: tuple[int, int, int] | None, final: int):
+        self.rampup, self.final = rampup, final
+        ramp_steps = rampup[2] if rampup else 0
+        sizes = np.array([self(step) for step in range(ramp_steps)], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(sizes)])  # consumed samples at the start of each step
+        self._ramp_steps = ramp_steps
+
+    def __call__(self, step: int) -> int:
+        return global_batch_size(step, self.rampup, self.final)
+
+    def step_of(self, consumed: int) -> int:
+        after_ramp = consumed - int(self._starts[-1])
+        if after_ramp >= 0:
+            return self._ramp_steps + after_ramp // self.final
+        return int(np.searchsorted(self._starts, consumed, side="right")) - 1
+
+    def consumed_at(self, step: int) -> int:
+        """Samples consumed before `step` begins."""
+        if step <= self._ramp_steps:
+            return int(self._starts[step])
+        return int(self._starts[-1]) + (step - self._ramp_steps) * self.final

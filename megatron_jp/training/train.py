@@ -1,0 +1,353 @@
+"""The training loop behind `python -m megatron_jp.train` (plain process, torchrun or srun).
+
+    run(cfg)
+      1. checks, before any process group or allocation: the layout for the launcher's world size,
+         the tokenizer against model.vocab_size, the data shards (building this rank's loaders);
+      2. process group, ParallelDims, model (initialised identically in every layout), optimizer;
+      3. resume from CKPT_DIR/latest, or begin a phase from checkpoint.load, or start fresh;
+      4. steps: batch-size ramp-up, seq-length and mask-rate curricula, learning-rate schedule,
+         skipped steps on NaN/inf, metrics with MFU, periodic validation and checkpoints.
+
+A step is a pure function of (weights, optimizer state, step, consumed samples, RNG states): all of
+them are in the checkpoint, so a resumed run repeats the losses of an uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from megatron_jp.config import Config, ConfigError, validate
+from megatron_jp.parallel import (ParallelDims, build_optimizer, build_parallel_model, eval_step,
+                                  init_process_group, launch_env, train_step)
+from megatron_jp.training import schedules
+from megatron_jp.training.checkpoint import (Checkpointer, CheckpointError, find_latest, read_config,
+                                             resolve_checkpoint)
+from megatron_jp.training.flops import effective_seq_length, flops_per_token, mfu
+from megatron_jp.training.metrics import MetricsWriter, console_line
+
+
+class TrainingAborted(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite steps in a row); the message says why."""
+
+
+@dataclass
+class Progress:
+    """Where the run stands; saved in every checkpoint's meta.json."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    skipped_steps: int = 0
+
+
+@dataclass
+class Curricula:
+    """Everything that is a function of the optimizer step."""
+
+    batch: schedules.BatchSizeSchedule
+    seq_length: object  # step -> int
+    mask_prob: object  # step -> float
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "Curricula":
+        from megatron_jp.data.loader import StagedSchedule
+
+        d, t = cfg.data, cfg.train
+
+        def staged(text, key, cast, default):
+            stages = schedules.parse_stages(text, key, cast)
+            return StagedSchedule(dict(stages)) if stages else StagedSchedule({0: default})
+
+        return cls(schedules.BatchSizeSchedule(schedules.parse_rampup(t.rampup_batch_size), t.global_batch_size),
+                   staged(d.seq_length_stages, "data.seq_length_stages", int, d.seq_length),
+                   staged(d.mask_prob_stages, "data.mask_prob_stages", float, d.mask_prob))
+
+
+# ------------------------------------------------------------------------------------------ entry
+
+
+def run(cfg: Config) -> int:
+    """Train as configured; returns the process exit status."""
+    rank, world, _ = launch_env()
+    try:
+        tokenizer, loaders, curricula = prepare(cfg, rank, world)
+    except (ConfigError, CheckpointError, ValueError, OSError) as e:  # before any process group exists
+        return fail(e, rank, status=2)
+    rank, world, device = init_process_group()
+    dims = ParallelDims.from_config(cfg, world, rank, device)
+    trainer = None
+    try:
+        trainer = Trainer(cfg, dims, loaders, curricula)
+        trainer.fit()
+        return 0
+    except (TrainingAborted, CheckpointError, ConfigError) as e:
+        return fail(e, rank, status=1)
+    finally:
+        if trainer is not None:
+            trainer.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def fail(error: Exception, rank: int, status: int) -> int:
+    """Status 2: the input was refused before training; 1: training stopped."""
+    if rank == 0:
+        print(f"error: {error}", file=sys.stderr)
+    return status
+
+
+def prepare(cfg: Config, rank: int, world: int):
+    """Everything that can be refused without a process group: layout, tokenizer, data.
+
+    The loaders are this rank's (its data-parallel coordinate comes from the rank grid), so a missing
+    or malformed shard is reported before any rank waits for another.
+    """
+    from megatron_jp.data.loader import build_data_loaders
+    from megatron_jp.data.tokenizers import build_tokenizer
+    from megatron_jp.train import resolve_vocab
+
+    validate(cfg, world)
+    start = starting_checkpoint(cfg)
+    if start is not None and cfg.model.vocab_size == 0:
+        # the padded size depends on the tensor-parallel size that wrote the checkpoint: keep it
+        cfg.model.vocab_size = read_config(start).model.vocab_size
+    resolve_vocab(cfg)
+    tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+    curricula = Curricula.from_config(cfg)
+    p = cfg.parallel
+    layout = ParallelDims.layout(p.tensor, p.pipeline, world // (p.tensor * p.pipeline), p.virtual_pipeline, rank)
+    loaders = build_data_loaders(cfg.data, tokenizer, micro_batch_size=cfg.train.micro_batch_size,
+                                 dp_rank=layout.dp_rank, dp_size=layout.dp, seed=cfg.train.seed,
+                                 global_batch_size=cfg.train.global_batch_size,
+                                 mask_prob_at=curricula.mask_prob, seq_length_at=curricula.seq_length,
+                                 valid_max_batches=cfg.eval.steps, step_of=curricula.batch.step_of)
+    return tokenizer, loaders, curricula
+
+
+def starting_checkpoint(cfg: Config) -> Path | None:
+    """The iteration folder this run starts from: CKPT_DIR/latest, else checkpoint.load, else None."""
+    latest = find_latest(checkpoint_dir(cfg))
+    if latest is None and cfg.checkpoint.load:
+        return resolve_checkpoint(cfg.checkpoint.load)
+    return latest
+
+
+def checkpoint_dir(cfg: Config) -> Path:
+    return Path(cfg.checkpoint.dir or Path(cfg.run.dir) / "checkpoints")
+
+
+# ------------------------------------------------------------------------------------------ trainer
+
+
+class Trainer:
+    def __init__(self, cfg: Config, dims: ParallelDims, loaders, curricula: Curricula):
+        self.cfg, self.dims, self.curricula = cfg, dims, curricula
+        self.train_loader, self.valid_loader = loaders
+        t = cfg.train
+        torch.manual_seed(dims.dropout_seed(t.seed))
+        self.model = build_parallel_model(cfg.model, dims, seed=t.seed, precision=t.precision,
+                                          recompute=t.recompute, sequence_parallel=cfg.parallel.sequence_parallel)
+        self.optimizer = build_optimizer(self.model, cfg.optim, dims, zero1=cfg.parallel.zero1)
+        self.checkpointer = Checkpointer(checkpoint_dir(cfg), cfg, dims, keep=cfg.checkpoint.keep,
+                                         async_save=cfg.checkpoint.async_save)
+        self.progress = Progress()
+        self.is_logger = dims.rank == 0  # every rank holds the same reduced loss; one writes it
+        self.metrics = MetricsWriter(cfg.run.dir, enabled=self.is_logger)
+        self.log = Interval()
+        if self.is_logger:
+            write_run_config(cfg)
+
+    # ---------------------------------------------------------------------------- resume
+
+    def restore(self):
+        """Resume from CKPT_DIR/latest; else begin a phase from checkpoint.load; else start fresh."""
+        c = self.cfg.checkpoint
+        latest = find_latest(checkpoint_dir(self.cfg))
+        if latest is not None:
+            loaded = self.checkpointer.load(latest, self.model, self.optimizer)
+            self._continue_from(loaded.meta)
+            if loaded.rank_state is not None:
+                set_rng_state(loaded.rank_state)
+            self.say(f"resumed from {latest} at step {self.progress.step}")
+        elif c.load:
+            source = resolve_checkpoint(c.load)
+            loaded = self.checkpointer.load(source, self.model, None if c.reset_optimizer else self.optimizer)
+            if c.reset_optimizer:
+                self.optimizer.sync_master_from_params()
+            if not c.reset_schedule:
+                self._continue_from(loaded.meta)
+            self.say(f"new phase from {source} at step {self.progress.step}"
+                     f"{' (fresh optimizer)' if c.reset_optimizer else ''}")
+        self.train_loader.load_state_dict({"consumed_samples": self.progress.consumed_samples,
+                                           "seed": self.cfg.train.seed})
+
+    def _continue_from(self, meta: dict):
+        self.progress = Progress(int(meta["step"]), int(meta["consumed_samples"]), int(meta.get("skipped_steps", 0)))
+
+    # ---------------------------------------------------------------------------- loop
+
+    def fit(self):
+        self.restore()
+        cfg, total = self.cfg, self.cfg.train.steps
+        if self.progress.step >= total:
+            self.say(f"nothing to do: the checkpoint is at step {self.progress.step} >= train.steps ({total})")
+            return
+        saved_at = self.progress.step
+        in_a_row = 0
+        while self.progress.step < total:
+            out = self.train_one_step()
+            step = self.progress.step
+            in_a_row = in_a_row + 1 if out["skipped"] else 0
+            aborting = in_a_row >= cfg.train.max_skipped_steps
+            if aborting or step % cfg.log.interval == 0 or step == total:
+                self.log_metrics(step)
+            if aborting:
+                raise TrainingAborted(
+                    f"step {step}: {in_a_row} steps in a row had a non-finite loss or gradient norm (loss "
+                    f"{out['loss']}, grad norm {out['grad_norm']}); nothing was updated by them. Lower optim.lr "
+                    f"or raise optim.warmup_steps, check the data, or resume from an earlier checkpoint")
+            if cfg.eval.interval and (step % cfg.eval.interval == 0 or step == total):
+                self.validate(step)
+            if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
+                self.save()
+                saved_at = step
+        if saved_at != total:
+            self.save()
+        self.checkpointer.wait()
+
+    def train_one_step(self) -> dict:
+        cfg, step = self.cfg, self.progress.step
+        begin = time.perf_counter()
+        batch_size = self.curricula.batch(step)
+        micro_batches = [next(self.train_loader) for _ in range(batch_size // (cfg.train.micro_batch_size * self.dims.dp))]
+        lr = schedules.learning_rate(step, cfg.optim, cfg.train.steps)
+        out = train_step(self.model, self.optimizer, micro_batches, self.dims, lr)
+        self.progress.step += 1
+        self.progress.consumed_samples = self.train_loader.consumed_samples
+        self.progress.skipped_steps += int(out["skipped"])
+        spec = self.train_loader.last_spec
+        self.log.add(out, micro_batches, lr, batch_size, spec.seq_length, spec.mask_prob, time.perf_counter() - begin)
+        return out
+
+    def log_metrics(self, step: int):
+        tokens = self.log.tokens
+        if self.dims.dp_group is not None:  # every data-parallel rank saw different rows
+            count = torch.tensor(tokens, dtype=torch.float64, device=self.dims.device)
+            dist.all_reduce(count, group=self.dims.dp_group)
+            tokens = count.item()
+        record = {"step": step, **self.log.summary(tokens, self.cfg, self.dims.world_size),
+                  "consumed_samples": self.progress.consumed_samples, "skipped_steps": self.progress.skipped_steps,
+                  "memory_gb": peak_memory_gb(self.dims.device)}
+        self.log = Interval()
+        self.metrics.log(record)
+        self.say(console_line(record, self.cfg.train.steps))
+
+    def validate(self, step: int):
+        if self.valid_loader is None:
+            return
+        batches = list(self.valid_loader)
+        if self.dims.vpp > 1:  # interleaved pipelining runs micro-batches in groups of pp
+            n = -(-len(batches) // self.dims.pp) * self.dims.pp
+            batches = list(itertools.islice(itertools.cycle(batches), n))
+        out = eval_step(self.model, batches, self.dims)
+        record = {"step": step, "valid_loss": out["loss"], "valid_accuracy": out["accuracy"],
+                  "valid_tokens": out["num_tokens"]}
+        self.metrics.log(record)
+        self.say(f"step {step}/{self.cfg.train.steps} | valid loss {out['loss']:.4f} | "
+                 f"accuracy {out['accuracy']:.3f}")
+
+    def save(self):
+        meta = {"step": self.progress.step, "consumed_samples": self.progress.consumed_samples,
+                "skipped_steps": self.progress.skipped_steps}
+        self.checkpointer.save(self.progress.step, self.model, self.optimizer, meta=meta, rank_state=get_rng_state())
+
+    def say(self, message: str):
+        if self.is_logger:
+            print(message, flush=True)
+
+    def close(self):
+        self.train_loader.close()
+        self.metrics.close()
+
+
+class Interval:
+    """Sums over the steps between two log lines."""
+
+    def __init__(self):
+        self.losses, self.norms, self.seconds = [], [], 0.0
+        self.tokens, self.predicted, self.flop_tokens, self.steps = 0, 0, 0.0, 0
+        self.last: dict = {}
+
+    def add(self, out: dict, micro_batches: list[dict], lr: float, batch_size: int, seq_length: int,
+            mask_prob: float, seconds: float):
+        if not out["skipped"]:
+            self.losses.append(out["loss"])
+            self.norms.append(out["grad_norm"])
+        real = sum(int((b["segment_ids"] > 0).sum()) for b in micro_batches)
+        s_eff = np.mean([effective_seq_length(b["segment_ids"]) for b in micro_batches])
+        self.tokens += real
+        self.predicted += out["num_tokens"]
+        self.flop_tokens += real * float(s_eff)  # token-weighted s_eff for the FLOPs formula
+        self.seconds += seconds
+        self.steps += 1
+        self.last = {"lr": lr, "global_batch_size": batch_size, "seq_length": seq_length, "mask_prob": mask_prob}
+
+    def summary(self, global_tokens: float, cfg: Config, world: int) -> dict:
+        """loss and grad_norm are means over the interval's applied steps (exact values at interval 1)."""
+        nan = float("nan")
+        s_eff = self.flop_tokens / max(self.tokens, 1)
+        predicted_fraction = self.predicted / max(global_tokens, 1)
+        tokens_per_second = global_tokens / max(self.seconds, 1e-9)
+        per_device = tokens_per_second / world
+        fpt = flops_per_token(cfg.model, s_eff, predicted_fraction)
+        return {"loss": float(np.mean(self.losses)) if self.losses else nan,
+                "grad_norm": float(np.mean(self.norms)) if self.norms else nan,
+                **self.last,
+                "tokens_per_second": tokens_per_second,
+                "tflops_per_gpu": per_device * fpt / 1e12,
+                "mfu": mfu(per_device, fpt),
+                "step_seconds": self.seconds / max(self.steps, 1)}
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def write_run_config(cfg: Config):
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True),
+                                         encoding="utf-8")
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak allocated accelerator memory; on CPU the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+
+
+def get_rng_state() -> dict:
+    _, keys, pos, *_ = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(keys.astype(np.int64)), "numpy_pos": int(pos),
+             "python": list(random.getstate()[1])}  # tensors and ints: loadable with weights_only=True
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state["numpy_pos"]), 0, 0.0))
+    random.setstate((3, tuple(state["python"]), None))

@@ -1,0 +1,113 @@
+"""`python -m megatron_jp.train` end to end: exact resume after SIGKILL, resume into another layout,
+new phases from a checkpoint, curricula in the metrics, refusal of bad input before training.
+
+Resume is compared bit for bit (fp32 on CPU, the same layout: the same operations in the same order
+on the same values). Across layouts the arithmetic is reassociated (partial sums per shard), so
+losses agree to 1e-5 relative, as in tests/distributed/test_parallel_training.py.
+"""
+
+import shutil
+
+import pytest
+
+from train_runs import base_args, last_step, losses, make_shards, records, train, train_ok, train_until_killed
+
+CONTRACT_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_second", "tflops_per_gpu", "mfu",
+                 "global_batch_size", "seq_length", "mask_prob"}
+CURRICULA = {"train.rampup_batch_size": "4 4 6", "data.seq_length_stages": "0:32,8:64",
+             "data.mask_prob_stages": "0:0.3,12:0.15", "eval.interval": 10, "eval.steps": 2}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """An uninterrupted single-process 20-step run with every curriculum switched on."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    train_ok(base_args(data, run_dir, **CURRICULA))
+    return run_dir
+
+
+def test_metrics_follow_the_contract_and_the_curricula(reference):
+    lines = [r for r in records(reference) if "loss" in r]
+    assert [r["step"] for r in lines] == list(range(1, 21))
+    assert all(CONTRACT_KEYS <= r.keys() for r in lines)
+    assert [r["global_batch_size"] for r in lines[:7]] == [4] * 6 + [8]  # ramp: 4 for 6 steps, then 8
+    assert {r["seq_length"] for r in lines[:8]} == {32} and {r["seq_length"] for r in lines[8:]} == {64}
+    assert {r["mask_prob"] for r in lines[:12]} == {0.3} and {r["mask_prob"] for r in lines[12:]} == {0.15}
+    valid = [r for r in records(reference) if "valid_loss" in r]
+    assert [r["step"] for r in valid] == [10, 20] and all(0 <= r["valid_accuracy"] <= 1 for r in valid)
+    assert lines[-1]["loss"] < lines[0]["loss"]
+    assert (reference / "tensorboard").is_dir() and (reference / "checkpoints" / "latest").read_text().strip() == "iter_0000020"
+
+
+def test_run_killed_at_step_13_resumes_with_bitwise_identical_losses(data, reference, tmp_path):
+    args = base_args(data, tmp_path, **CURRICULA)
+    train_until_killed(args, tmp_path, kill_after_step=13)
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "iter_0000010"
+    result = train_ok(args)
+    assert "resumed from" in result.stdout
+    assert losses(tmp_path) == losses(reference)  # == on floats: bit for bit
+
+
+def test_tp2_pp2_run_killed_at_step_13_resumes_with_bitwise_identical_losses(data, tmp_path):
+    layout = {"parallel.tensor": 2, "parallel.pipeline": 2, "train.steps": 16, "checkpoint.interval": 8,
+              "data.seq_length_stages": "0:32,6:64"}
+    uninterrupted = tmp_path / "uninterrupted"
+    train_ok(base_args(data, uninterrupted, **layout), nproc=4, timeout_s=400)
+    resumed = tmp_path / "resumed"
+    args = base_args(data, resumed, **layout)
+    train_until_killed(args, resumed, kill_after_step=13, nproc=4, timeout_s=400)
+    train_ok(args, nproc=4, timeout_s=400)
+    assert losses(resumed) == losses(uninterrupted)
+
+
+def test_resume_into_another_layout_continues_with_matching_losses(data, tmp_path):
+    first = tmp_path / "tp2"
+    train_ok(base_args(data, first, **{"parallel.tensor": 2, "train.steps": 12, "checkpoint.interval": 6}), nproc=2)
+    second = tmp_path / "dp2zero1"
+    shutil.copytree(first / "checkpoints" / "iter_0000006", second / "checkpoints" / "iter_0000006")
+    (second / "checkpoints" / "latest").write_text("iter_0000006\n")
+    train_ok(base_args(data, second, **{"parallel.zero1": "true", "train.steps": 12}), nproc=2)  # dp=2
+    expected, got = losses(first), losses(second)
+    assert sorted(got) == list(range(7, 13))
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), step
+
+
+def test_new_phase_starts_from_a_checkpoint_with_longer_sequences_and_fresh_optimizer(data, reference, tmp_path):
+    source = reference / "checkpoints"
+    result = train_ok(base_args(data, tmp_path, **{"checkpoint.load": str(source), "checkpoint.reset_optimizer": "true",
+                                                   "checkpoint.reset_schedule": "true", "data.seq_length": 128,
+                                                   "model.rope_theta": 160000, "train.steps": 4}))
+    assert "new phase from" in result.stdout
+    lines = [r for r in records(tmp_path) if "loss" in r]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4] and {r["seq_length"] for r in lines} == {128}
+    fresh = [r for r in records(reference) if "loss" in r][0]["loss"]
+    assert lines[0]["loss"] < fresh  # starts from the trained weights, not from scratch
+
+
+def test_non_finite_steps_are_skipped_and_too_many_in_a_row_abort(data, tmp_path):
+    result = train(base_args(data, tmp_path, **{"optim.lr": 1e30, "optim.warmup_steps": 0, "optim.clip_grad": 0,
+                                                "train.max_skipped_steps": 3}))
+    assert result.returncode == 1
+    assert "3 steps in a row had a non-finite loss" in result.stderr
+    lines = [r for r in records(tmp_path) if "loss" in r]
+    assert lines[-1]["skipped_steps"] == 3
+    assert not (tmp_path / "checkpoints" / "latest").exists() or last_step(tmp_path) < 5
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"data.paths": "/nonexistent/shard"}, "/nonexistent/shard"),
+    ({"parallel.tensor": 3}, "parallel.tensor"),
+    ({"model.vocab_size": 128}, "model.vocab_size"),
+    ({"checkpoint.load": "/nonexistent/ckpt"}, "/nonexistent/ckpt"),
+])
+def test_bad_input_is_refused_before_training_with_the_key_or_file_named(data, tmp_path, overrides, message):
+    result = train(base_args(data, tmp_path, **overrides), timeout_s=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()

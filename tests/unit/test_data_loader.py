@@ -153,6 +153,16 @@ def test_seq_length_stages_change_the_batch_shape_and_resume(shards):
     assert torch.equal(next(resumed)["input_ids"], after["input_ids"])
 
 
+def test_curricula_follow_the_step_while_the_batch_size_ramps_up(shards):
+    from megatron_jp.training.schedules import BatchSizeSchedule
+
+    ramp = BatchSizeSchedule((2, 2, 2), 4)  # steps 0, 1: 2 samples; then 4
+    train, _ = loaders(config(shards["A"]), mbs=2, global_batch_size=4, seq_length_at=StagedSchedule({0: 64, 2: 128}),
+                       step_of=ramp.step_of)
+    shapes = [next(train)["input_ids"].shape[1] for _ in range(4)]  # micro-steps of steps 0, 1, 2, 2
+    assert shapes == [64, 64, 128, 128]
+
+
 def test_setting_mask_rate_mid_run_drops_prefetched_batches(shards):
     train, _ = loaders(config(shards["A"], num_workers=1))
     next(train)

@@ -66,6 +66,25 @@ def test_single_process_parallel_model_trains_like_the_plain_encoder(name):
         assert (full[key] - want).abs().max() <= 1e-5, key
 
 
+def test_a_step_with_a_non_finite_loss_is_skipped_without_touching_weights_or_moments():
+    cfg = preset("tiny", vocab_size=128)
+    model = build_parallel_model(cfg, ONE, seed=5)
+    optimizer = build_optimizer(model, OPTIM, ONE)
+    batches = synthetic_micro_batches(0, 2, 2, 32, 128)
+    train_step(model, optimizer, batches, ONE, LR)
+    before = {i.spec.full_name: i.param.detach().clone() for i in model.infos}
+    moments = [s.exp_avg.clone() for s in optimizer.shards]
+    head = next(i.param for i in model.infos if i.spec.full_name == "final_norm.weight")
+    saved = head.detach().clone()
+    head.data.fill_(float("nan"))
+    out = train_step(model, optimizer, batches, ONE, LR)
+    head.data.copy_(saved)
+    assert out["skipped"] and optimizer.step_count == 1
+    assert all(torch.equal(i.param, before[i.spec.full_name]) for i in model.infos)
+    assert all(torch.equal(s.exp_avg, m) for s, m in zip(optimizer.shards, moments))
+    assert not train_step(model, optimizer, batches, ONE, LR)["skipped"] and optimizer.step_count == 2
+
+
 def test_eval_step_reports_the_plain_encoders_loss_and_accuracy():
     cfg = preset("tiny", vocab_size=128)
     batches = synthetic_micro_batches(9, 3, 2, 32, 128)

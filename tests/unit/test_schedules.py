@@ -8,8 +8,8 @@ import torch
 from megatron_jp.config import ConfigError, OptimConfig
 from megatron_jp.models.presets import preset
 from megatron_jp.training.flops import effective_seq_length, flops_per_token, matmul_params, mfu
-from megatron_jp.training.schedules import (global_batch_size, learning_rate, parse_rampup, parse_stages,
-                                            stage_value)
+from megatron_jp.training.schedules import (BatchSizeSchedule, global_batch_size, learning_rate, parse_rampup,
+                                            parse_stages, stage_value)
 
 
 def lrs(schedule, steps=100, **kw):
@@ -78,3 +78,12 @@ def test_flops_per_token_follows_the_encoder_formula():
     assert flops_per_token(local, 8192, 1.0) < flops_per_token(local.__class__(**{**vars(local), "sliding_window": 0,
                                                                                "global_attn_every_n_layers": 1}), 8192, 1.0)
     assert mfu(312e3, 6 * 149e6) == pytest.approx(312e3 * 6 * 149e6 / 989.4e12)
+
+
+def test_batch_size_schedule_maps_sample_positions_back_to_their_step():
+    schedule = BatchSizeSchedule(parse_rampup("4 4 9"), 16)
+    assert [schedule(s) for s in range(11)] == [4, 4, 4, 8, 8, 8, 12, 12, 12, 16, 16]
+    for step in range(14):
+        first = schedule.consumed_at(step)
+        assert schedule.step_of(first) == step and schedule.step_of(first + schedule(step) - 1) == step
+    assert BatchSizeSchedule(None, 8).step_of(8 * 1000 + 7) == 1000

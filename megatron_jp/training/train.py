@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import random
 import resource
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from tqdm import tqdm
 
 from megatron_jp.config import Config, ConfigError, validate
 from megatron_jp.parallel import (ParallelDims, build_optimizer, build_parallel_model, eval_step,
@@ -164,6 +166,7 @@ class Trainer:
         self.is_logger = dims.rank == 0  # every rank holds the same reduced loss; one writes it
         self.metrics = MetricsWriter(cfg.run.dir, enabled=self.is_logger)
         self.log = Interval()
+        self.bar = progress_bar(0, 0, enabled=False)
         if self.is_logger:
             write_run_config(cfg)
 
@@ -204,9 +207,15 @@ class Trainer:
             return
         saved_at = self.progress.step
         in_a_row = 0
+        self.bar = progress_bar(total, self.progress.step, enabled=self.is_logger)
+        stop = StopRequest(self.dims)
         while self.progress.step < total:
+            if stop.requested():
+                self.say(f"stop requested by {stop.name}: saving step {self.progress.step} and exiting")
+                break
             out = self.train_one_step()
             step = self.progress.step
+            self.bar.update(1)
             in_a_row = in_a_row + 1 if out["skipped"] else 0
             aborting = in_a_row >= cfg.train.max_skipped_steps
             if aborting or step % cfg.log.interval == 0 or step == total:
@@ -221,7 +230,7 @@ class Trainer:
             if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
                 self.save()
                 saved_at = step
-        if saved_at != total:
+        if saved_at != self.progress.step:
             self.save()
         self.checkpointer.wait()
 
@@ -251,6 +260,7 @@ class Trainer:
         self.log = Interval()
         self.metrics.log(record)
         self.say(console_line(record, self.cfg.train.steps))
+        self.bar.set_postfix_str(console_line(record, self.cfg.train.steps).split(" | ", 1)[-1], refresh=False)
 
     def validate(self, step: int):
         if self.valid_loader is None:
@@ -273,11 +283,39 @@ class Trainer:
 
     def say(self, message: str):
         if self.is_logger:
-            print(message, flush=True)
+            if self.bar.disable:
+                print(message, flush=True)
+            else:
+                tqdm.write(message)
 
     def close(self):
+        self.bar.close()
         self.train_loader.close()
         self.metrics.close()
+
+
+class StopRequest:
+    """SIGTERM or SIGUSR1 (Slurm's warning before a time limit: `#SBATCH --signal=USR1@120`) asks the
+    run to save and exit between two steps. Ranks may get the signal at different moments, so the
+    decision is an all-reduce: every rank stops after the same step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, dims: ParallelDims):
+        self.dims, self.name = dims, None
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.name = signal.Signals(signum).name
+
+    def requested(self) -> bool:
+        if not self.dims.distributed:
+            return self.name is not None
+        flag = torch.tensor(float(self.name is not None), device=self.dims.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.dims.world_group)
+        self.name = self.name or ("a signal to another rank" if flag.item() else None)
+        return self.name is not None
 
 
 class Interval:
@@ -320,6 +358,12 @@ class Interval:
 
 
 # ------------------------------------------------------------------------------------------ helpers
+
+
+def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
+    """A tqdm bar on an interactive terminal; disabled (a no-op) in batch logs, which get log lines."""
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                disable=not (enabled and sys.stderr.isatty()))
 
 
 def write_run_config(cfg: Config):

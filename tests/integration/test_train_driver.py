@@ -13,7 +13,8 @@ import sys
 
 import pytest
 
-from train_runs import EXAMPLE_CORPUS, ROOT, base_args, last_step, losses, make_shards, records, train, train_ok, train_until_killed
+from train_runs import (EXAMPLE_CORPUS, ROOT, base_args, last_step, losses, make_shards, records, train, train_ok,
+                        train_until_killed, train_until_signalled)
 
 CONTRACT_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_second", "tflops_per_gpu", "mfu",
                  "global_batch_size", "seq_length", "mask_prob"}
@@ -54,6 +55,14 @@ def test_run_killed_at_step_13_resumes_with_bitwise_identical_losses(data, refer
     result = train_ok(args)
     assert "resumed from" in result.stdout
     assert losses(tmp_path) == losses(reference)  # == on floats: bit for bit
+
+
+def test_sigterm_saves_a_checkpoint_at_the_current_step_and_exits_cleanly(data, tmp_path):
+    process = train_until_signalled(base_args(data, tmp_path, **{"checkpoint.interval": 0}), tmp_path, after_step=3)
+    assert process.returncode == 0, process.stderr.read()[-3000:]
+    stopped = last_step(tmp_path)
+    assert 3 <= stopped < 20
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"iter_{stopped:07d}"
 
 
 def test_tp2_pp2_run_killed_at_step_13_resumes_with_bitwise_identical_losses(data, tmp_path):

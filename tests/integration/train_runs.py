@@ -96,3 +96,19 @@ def last_step(run_dir: Path) -> int:
 def losses(run_dir: Path) -> dict[int, float]:
     """Training loss per step; a resumed run's later lines replace the killed run's."""
     return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
+
+
+def train_until_signalled(args: list[str], run_dir: Path, after_step: int, sig=signal.SIGTERM,
+                          timeout_s: float = 300) -> subprocess.Popen:
+    """Start a single-process run, send `sig` once metrics.jsonl shows `after_step`, wait for its exit."""
+    process = subprocess.Popen(command(args, 1), cwd=ROOT, env=environment(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout_s
+    while last_step(run_dir) < after_step:
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"step {after_step} not reached:\n{process.stderr.read()[-3000:]}")
+        time.sleep(0.05)
+    process.send_signal(sig)
+    process.wait(timeout=120)
+    return process

@@ -36,9 +36,18 @@ def torch_adamw(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 
 @torch.no_grad()
 def adamw_update_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                  *, step: int, lr: float, beta1: float, beta2: float, eps: float) -> None:
+                  *, step: int, lr: float, beta1: float, beta2: float, eps: float, fused: bool | None = None) -> None:
     """One Adam step in place on fp32 tensors (decoupled weight decay is applied by the caller, on
-    the decayed ranges only, before this call: param *= 1 - lr * weight_decay)."""
+    the decayed ranges only, before this call: param *= 1 - lr * weight_decay).
+
+    fused (default: on CUDA) runs torch's fused AdamW kernel, one pass over the four tensors instead
+    of seven; the written-out form stays the CPU path, identical to torch.optim.AdamW(foreach=False).
+    """
+    if param.is_cuda if fused is None else fused:
+        steps = [torch.tensor(float(step), device=param.device)]
+        torch._fused_adamw_([param], [grad], [exp_avg], [exp_avg_sq], [], steps, lr=lr, beta1=beta1, beta2=beta2,
+                            weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
+        return
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     bias_correction1 = 1 - beta1 ** step

@@ -169,6 +169,9 @@ class Trainer:
         self.bar = progress_bar(0, 0, enabled=False)
         if self.is_logger:
             write_run_config(cfg)
+        if cfg.eval.interval and self.valid_loader is None:
+            self.say("note: eval.interval is set, but data.split and data.valid_paths leave no validation "
+                     "documents: validation is skipped")
 
     # ---------------------------------------------------------------------------- resume
 

@@ -198,7 +198,10 @@ class Trainer:
                                            "seed": self.cfg.train.seed})
 
     def _continue_from(self, meta: dict):
-        self.progress = Progress(int(meta["step"]), int(meta["consumed_samples"]), int(meta.get("skipped_steps", 0)))
+        step = int(meta.get("step", 0))
+        # a model-only checkpoint (imported from HF, averaged) records no data position: assume this run's batches
+        consumed = int(meta.get("consumed_samples", self.curricula.batch.consumed_at(step)))
+        self.progress = Progress(step, consumed, int(meta.get("skipped_steps", 0)))
 
     # ---------------------------------------------------------------------------- loop
 

@@ -138,3 +138,15 @@ def test_pseudo_perplexity_of_a_trained_checkpoint_equals_that_of_its_hf_export(
     assert scores["--hf"]["tokens"] == scores["--checkpoint"]["tokens"] > 0
     # fp32 on both sides; they differ only in kernel order (~1e-6 on log-probabilities)
     assert scores["--hf"]["pppl"] == pytest.approx(scores["--checkpoint"]["pppl"], rel=1e-4)
+
+
+def test_pretraining_continues_from_a_hugging_face_model(data, reference, tmp_path):
+    hf, imported = tmp_path / "hf", tmp_path / "imported"
+    for tool, args in (("convert_to_hf.py", ["--checkpoint", str(reference / "checkpoints"), "--output", str(hf)]),
+                       ("convert_from_hf.py", ["--hf", str(hf), "--output", str(imported)])):
+        subprocess.run([sys.executable, str(ROOT / "tools" / tool), *args], check=True, capture_output=True, timeout=120)
+    run_dir = tmp_path / "run"
+    train_ok(base_args(data, run_dir, **{"checkpoint.load": str(imported), "checkpoint.reset_optimizer": "true",
+                                         "train.steps": 3}))
+    first = [r for r in records(run_dir) if "loss" in r][0]["loss"]
+    assert first < [r for r in records(reference) if "loss" in r][0]["loss"]  # the imported weights, not a fresh init

@@ -82,7 +82,7 @@ def run(cfg: Config) -> int:
     """Train as configured; returns the process exit status."""
     rank, world, _ = launch_env()
     try:
-        tokenizer, loaders, curricula = prepare(cfg, rank, world)
+        loaders, curricula = prepare(cfg, rank, world)
     except (ConfigError, CheckpointError, ValueError, OSError) as e:  # before any process group exists
         return fail(e, rank, status=2)
     rank, world, device = init_process_group()
@@ -133,7 +133,7 @@ def prepare(cfg: Config, rank: int, world: int):
                                  global_batch_size=cfg.train.global_batch_size,
                                  mask_prob_at=curricula.mask_prob, seq_length_at=curricula.seq_length,
                                  valid_max_batches=cfg.eval.steps, step_of=curricula.batch.step_of)
-    return tokenizer, loaders, curricula
+    return loaders, curricula
 
 
 def starting_checkpoint(cfg: Config) -> Path | None:

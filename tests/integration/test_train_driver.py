@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from train_runs import (EXAMPLE_CORPUS, ROOT, base_args, last_step, losses, make_shards, records, train, train_ok,
+from train_runs import (EXAMPLE_CORPUS, ROOT, base_args, environment, last_step, losses, make_shards, records, train, train_ok,
                         train_until_killed, train_until_signalled)
 
 CONTRACT_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_second", "tflops_per_gpu", "mfu",
@@ -150,3 +150,16 @@ def test_pretraining_continues_from_a_hugging_face_model(data, reference, tmp_pa
                                          "train.steps": 3}))
     first = [r for r in records(run_dir) if "loss" in r][0]["loss"]
     assert first < [r for r in records(reference) if "loss" in r][0]["loss"]  # the imported weights, not a fresh init
+
+
+def test_two_processes_started_the_way_srun_starts_them_train_together(data, tmp_path, free_port):
+    """No torchrun: each task reads SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID and MASTER_ADDR/PORT."""
+    args = base_args(data, tmp_path, **{"train.steps": 3, "checkpoint.interval": 0})
+    slurm = {"SLURM_NTASKS": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port)}
+    tasks = [subprocess.Popen([sys.executable, "-m", "megatron_jp.train", *args], cwd=ROOT,
+                              env={**environment(), **slurm, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outputs = [task.communicate(timeout=300) for task in tasks]
+    assert [task.returncode for task in tasks] == [0, 0], outputs[0][1][-3000:]
+    assert [r["step"] for r in records(tmp_path) if "loss" in r] == [1, 2, 3]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "iter_0000003"

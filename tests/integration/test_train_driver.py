@@ -13,8 +13,8 @@ import sys
 
 import pytest
 
-from train_runs import (EXAMPLE_CORPUS, ROOT, base_args, environment, last_step, losses, make_shards, records, train, train_ok,
-                        train_until_killed, train_until_signalled)
+from train_runs import (EXAMPLE_CORPUS, ROOT, base_args, environment, last_step, losses, make_shards, records,
+                        train, train_ok, train_until_killed, train_until_signalled)
 
 CONTRACT_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_second", "tflops_per_gpu", "mfu",
                  "global_batch_size", "seq_length", "mask_prob"}

@@ -244,7 +244,8 @@ class Trainer:
         cfg, step = self.cfg, self.progress.step
         begin = time.perf_counter()
         batch_size = self.curricula.batch(step)
-        micro_batches = [next(self.train_loader) for _ in range(batch_size // (cfg.train.micro_batch_size * self.dims.dp))]
+        per_rank = batch_size // (cfg.train.micro_batch_size * self.dims.dp)
+        micro_batches = [next(self.train_loader) for _ in range(per_rank)]
         lr = schedules.learning_rate(step, cfg.optim, cfg.train.steps)
         out = train_step(self.model, self.optimizer, micro_batches, self.dims, lr)
         self.progress.step += 1

@@ -45,7 +45,8 @@ def test_metrics_follow_the_contract_and_the_curricula(reference):
     valid = [r for r in records(reference) if "valid_loss" in r]
     assert [r["step"] for r in valid] == [10, 20] and all(0 <= r["valid_accuracy"] <= 1 for r in valid)
     assert lines[-1]["loss"] < lines[0]["loss"]
-    assert (reference / "tensorboard").is_dir() and (reference / "checkpoints" / "latest").read_text().strip() == "iter_0000020"
+    assert (reference / "tensorboard").is_dir()
+    assert (reference / "checkpoints" / "latest").read_text().strip() == "iter_0000020"
 
 
 def test_run_killed_at_step_13_resumes_with_bitwise_identical_losses(data, reference, tmp_path):
@@ -144,7 +145,8 @@ def test_pretraining_continues_from_a_hugging_face_model(data, reference, tmp_pa
     hf, imported = tmp_path / "hf", tmp_path / "imported"
     for tool, args in (("convert_to_hf.py", ["--checkpoint", str(reference / "checkpoints"), "--output", str(hf)]),
                        ("convert_from_hf.py", ["--hf", str(hf), "--output", str(imported)])):
-        subprocess.run([sys.executable, str(ROOT / "tools" / tool), *args], check=True, capture_output=True, timeout=120)
+        subprocess.run([sys.executable, str(ROOT / "tools" / tool), *args], check=True, capture_output=True,
+                       timeout=120)
     run_dir = tmp_path / "run"
     train_ok(base_args(data, run_dir, **{"checkpoint.load": str(imported), "checkpoint.reset_optimizer": "true",
                                          "train.steps": 3}))

@@ -266,8 +266,11 @@ class Trainer:
                   "memory_gb": peak_memory_gb(self.dims.device)}
         self.log = Interval()
         self.metrics.log(record)
-        self.say(console_line(record, self.cfg.train.steps))
-        self.bar.set_postfix_str(console_line(record, self.cfg.train.steps).split(" | ", 1)[-1], refresh=False)
+        # MFU is measured against the H100's peak: the console shows it only on a GPU
+        line = console_line(record if self.dims.device.type == "cuda" else {**record, "mfu": None},
+                            self.cfg.train.steps)
+        self.say(line)
+        self.bar.set_postfix_str(line.split(" | ", 1)[-1], refresh=False)
 
     def validate(self, step: int):
         if self.valid_loader is None:

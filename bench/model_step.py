@@ -69,7 +69,7 @@ def compare(arch: str, args) -> tuple[float, float]:
                  vocab_size=args.vocab, sliding_window=128 if arch == "modernbert" else 0)
     ours = build_encoder(cfg, seed=0, device=args.device).train()
     with tempfile.TemporaryDirectory() as tmp:
-        export_hf(ours.state_dict(), cfg, tmp)
+        export_hf(ours.state_dict(), cfg, tmp, special={"pad": 0, "cls": 1, "sep": 2, "mask": 3})  # ids in vocab
         theirs = AutoModelForMaskedLM.from_pretrained(tmp, attn_implementation="sdpa").to(args.device).train()
     ids, labels = batch(args, args.device)
 

@@ -26,11 +26,12 @@ def matmul_params(m: ModelConfig) -> tuple[int, int]:
 
 def effective_seq_length(segment_ids: torch.Tensor) -> float:
     """sum(s_i^2) / sum(s_i) over the documents (segments > 0) of a batch."""
-    lengths = []
-    for row in segment_ids:
-        _, counts = torch.unique_consecutive(row[row > 0], return_counts=True)
-        lengths.append(counts)
-    lengths = torch.cat(lengths).double() if lengths else torch.zeros(1, dtype=torch.float64)
+    # one pass over the batch (the trainer calls this every step): (row, segment) keys never repeat
+    # across rows, so runs of equal keys are the documents
+    rows = torch.arange(segment_ids.shape[0], device=segment_ids.device).unsqueeze(1)
+    keys = (rows * (int(segment_ids.max()) + 1) + segment_ids)[segment_ids > 0]
+    _, lengths = torch.unique_consecutive(keys, return_counts=True)
+    lengths = lengths.double()
     return float((lengths ** 2).sum() / lengths.sum().clamp(min=1))
 
 

@@ -7,7 +7,6 @@ Model and optimizer state are compared exactly: loading copies the saved bits in
 losses after resharding are compared with the single-process run at relative 1e-5 (fp32 summation
 order differs between layouts, see test_parallel_training.py)."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,6 @@ from megatron_jp.parallel import assemble_full
 from megatron_jp.parallel.testing import spawn
 from megatron_jp.training.checkpoint import Checkpointer, find_latest, load_model_state
 
-ROOT = Path(__file__).resolve().parents[2]
 LOSS_RTOL = 1e-5
 
 
@@ -85,14 +83,7 @@ def test_async_save_taken_under_zero1_while_training_goes_on_holds_the_state_of_
     assert_equal_states(load_into_one_process(iter_dir), results["async_written"])
 
 
-def tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-def test_convert_to_hf_exports_a_checkpoint_written_by_a_tp2_run_exactly(world4, tmp_path):
+def test_convert_to_hf_exports_a_checkpoint_written_by_a_tp2_run_exactly(world4, tmp_path, tool):
     out, results = world4
     assert tool("convert_to_hf")(["--checkpoint", str(out / "tp2pp2"), "--output", str(tmp_path / "hf")]) == 0
     assert load_file(tmp_path / "hf" / "model.safetensors")  # written, then read back as our weights:

@@ -2,7 +2,6 @@
 save), async saves, the refusal of damaged or foreign checkpoints, and tools/average_checkpoints.py.
 Layout changes are tested in tests/distributed/test_checkpoint_layouts.py."""
 
-import importlib.util
 import json
 import os
 import random
@@ -29,12 +28,7 @@ ONE = ParallelDims.layout(1, 1, 1)
 VOCAB, LR = 128, 1e-2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: threads only contend on a shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(**model) -> Config:
@@ -288,14 +282,7 @@ def test_latest_naming_a_missing_folder_is_refused(tmp_path):
 # ----------------------------------------------------------------------------- average_checkpoints
 
 
-def tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-def test_average_checkpoints_writes_the_mean_weights_which_convert_to_hf_reads(tmp_path, saved):
+def test_average_checkpoints_writes_the_mean_weights_which_convert_to_hf_reads(tmp_path, saved, tool):
     cfg, trained = saved
     save_model_checkpoint(tmp_path / "b", 5, cfg, build_encoder(cfg.model, seed=9).state_dict())
     out = tmp_path / "avg"
@@ -309,7 +296,7 @@ def test_average_checkpoints_writes_the_mean_weights_which_convert_to_hf_reads(t
     assert tool("convert_to_hf")(["--checkpoint", str(out), "--output", str(tmp_path / "hf")]) == 0
 
 
-def test_average_checkpoints_refuses_other_shapes_naming_the_checkpoint(tmp_path, saved, capsys):
+def test_average_checkpoints_refuses_other_shapes_naming_the_checkpoint(tmp_path, saved, capsys, tool):
     cfg, trained = saved
     other = tiny_config(ffn_hidden_size=64)
     save_model_checkpoint(tmp_path / "other", 0, other, build_encoder(other.model).state_dict())

@@ -1,6 +1,5 @@
 """The train CLI's dry run and the converters, driven through their entry points."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -17,13 +16,6 @@ from megatron_jp.train import main as train_main
 from megatron_jp.training.checkpoint import save_model_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def tool(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def test_dry_run_prints_the_contract_json_as_its_last_line(capsys):
@@ -47,7 +39,7 @@ def test_dry_run_runs_as_a_module_from_a_yaml_file():
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-modernbert", "tiny-bert"])
-def test_checkpoint_to_hf_to_checkpoint_round_trip_is_exact(tmp_path, name):
+def test_checkpoint_to_hf_to_checkpoint_round_trip_is_exact(tmp_path, name, tool):
     cfg = Config(model=preset(name, vocab_size=128))
     model = build_encoder(cfg.model, seed=5)
     save_model_checkpoint(tmp_path / "ckpt", 0, cfg, model.state_dict())
@@ -59,14 +51,14 @@ def test_checkpoint_to_hf_to_checkpoint_round_trip_is_exact(tmp_path, name):
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
-def test_converter_refuses_a_folder_that_is_not_a_checkpoint(tmp_path, capsys):
+def test_converter_refuses_a_folder_that_is_not_a_checkpoint(tmp_path, capsys, tool):
     (tmp_path / "empty").mkdir()
     assert tool("convert_to_hf")(["--checkpoint", str(tmp_path / "empty"), "--output", str(tmp_path / "hf")]) == 2
     assert "neither a checkpoint iteration folder" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
 
 
-def test_converter_refuses_a_truncated_checkpoint_naming_it(tmp_path, capsys):
+def test_converter_refuses_a_truncated_checkpoint_naming_it(tmp_path, capsys, tool):
     cfg = Config(model=preset("tiny", vocab_size=128))
     folder = save_model_checkpoint(tmp_path / "ckpt", 3, cfg, build_encoder(cfg.model).state_dict())
     shard = next(folder.glob("*.distcp"))

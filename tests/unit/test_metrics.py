@@ -1,20 +1,8 @@
 """metrics.jsonl, TensorBoard events and the loss-curve PNG."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 from megatron_jp.training.metrics import MetricsWriter, console_line
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def plot_main():
-    spec = importlib.util.spec_from_file_location("plot_metrics", ROOT / "tools" / "plot_metrics.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
 
 def test_each_logged_step_is_one_json_line_and_tensorboard_events_exist(tmp_path):
     writer = MetricsWriter(tmp_path)
@@ -39,10 +27,10 @@ def test_console_line_shows_loss_speed_and_validation():
     assert line.startswith("step 5/10") and "1,500 tok/s" in line and "MFU 25.0%" in line and "valid 2.2000" in line
 
 
-def test_plot_writes_a_png_and_tolerates_a_partial_last_line(tmp_path):
+def test_plot_writes_a_png_and_tolerates_a_partial_last_line(tmp_path, tool):
     with open(tmp_path / "metrics.jsonl", "w") as f:
         for step in range(1, 11):
             f.write(json.dumps({"step": step, "loss": 10 / step, "tokens_per_second": 100.0}) + "\n")
         f.write('{"step": 11, "lo')
-    assert plot_main()([str(tmp_path)]) == 0
+    assert tool("plot_metrics")([str(tmp_path)]) == 0
     assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

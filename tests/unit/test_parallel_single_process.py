@@ -17,12 +17,7 @@ OPTIM = OptimConfig(lr=LR, clip_grad=0.5)  # a small clip threshold makes clippi
 ONE = ParallelDims.layout(1, 1, 1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: threads only contend on a shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_adamw_update_matches_torch_adamw_step_for_step():

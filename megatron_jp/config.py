@@ -223,6 +223,14 @@ class ParallelConfig:
     """Shard norm/dropout regions over the sequence within a tensor-parallel group."""
     zero1: bool = False
     """Shard optimizer state and fp32 master weights over data-parallel ranks."""
+    timeout_minutes: float = 10.0
+    """A rank that makes no progress for this long (a collective that never completes: a frozen, dead
+    or unreachable peer) makes every rank exit with a message naming the step and the stuck rank.
+    torch.distributed's own collective timeout is set a minute longer, as a backstop."""
+    startup_timeout_minutes: float = 5.0
+    """Start-up (rendezvous, process groups): if the ranks have not all joined within this long, each
+    exits naming those that never arrived; shorter than timeout_minutes so that a wrong MASTER_ADDR
+    or a dead node is reported quickly. Raise it when some ranks prepare data long before joining."""
 
 
 @dataclass
@@ -477,6 +485,8 @@ def validate(cfg: Config, world_size: int | None = None):
         _check(getattr(p, key) >= 1, f"parallel.{key} must be >= 1, got {getattr(p, key)}")
     _check(p.virtual_pipeline == 1 or p.pipeline > 1,
            "parallel.virtual_pipeline > 1 needs parallel.pipeline > 1")
+    for key in ("timeout_minutes", "startup_timeout_minutes"):
+        _check(getattr(p, key) > 0, f"parallel.{key} must be > 0 (minutes, fractions allowed), got {getattr(p, key)}")
     validate_model(cfg.model, p.tensor, p.pipeline, p.virtual_pipeline)
     validate_training(cfg)
     if world_size is not None:

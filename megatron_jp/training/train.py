@@ -32,11 +32,12 @@ from tqdm import tqdm
 from megatron_jp.config import Config, ConfigError, validate
 from megatron_jp.parallel import (ParallelDims, build_optimizer, build_parallel_model, eval_step,
                                   init_process_group, launch_env, train_step)
-from megatron_jp.training import schedules
+from megatron_jp.training import environment, schedules
 from megatron_jp.training.checkpoint import (Checkpointer, CheckpointError, find_latest, read_config,
                                              resolve_checkpoint)
 from megatron_jp.training.flops import effective_seq_length, flops_per_token, mfu
 from megatron_jp.training.metrics import MetricsWriter, console_line
+from megatron_jp.training.watchdog import NullWatchdog, Watchdog
 
 
 class TrainingAborted(RuntimeError):
@@ -85,16 +86,23 @@ def run(cfg: Config) -> int:
         loaders, curricula = prepare(cfg, rank, world)
     except (ConfigError, CheckpointError, ValueError, OSError) as e:  # before any process group exists
         return fail(e, rank, status=2)
-    rank, world, device = init_process_group()
-    dims = ParallelDims.from_config(cfg, world, rank, device)
+    watchdog = Watchdog.from_config(cfg.parallel, rank, world).start()  # no rank waits forever
     trainer = None
     try:
-        trainer = Trainer(cfg, dims, loaders, curricula)
+        rank, world, device = init_process_group(timeout_s=watchdog.backstop_s)
+        dims = ParallelDims.from_config(cfg, world, rank, device)
+        environment.report(world, rank, cfg.run.dir)
+        watchdog.started()
+        trainer = Trainer(cfg, dims, loaders, curricula, watchdog)
         trainer.fit()
         return 0
     except (TrainingAborted, CheckpointError, ConfigError) as e:
         return fail(e, rank, status=1)
+    except RuntimeError as e:  # gloo raises this when a peer's connection closes
+        watchdog.collective_failed(e)  # names the rank that vanished and exits, if one did
+        raise
     finally:
+        watchdog.stop()
         if trainer is not None:
             trainer.close()
         if dist.is_initialized():
@@ -152,8 +160,10 @@ def checkpoint_dir(cfg: Config) -> Path:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, dims: ParallelDims, loaders, curricula: Curricula):
+    def __init__(self, cfg: Config, dims: ParallelDims, loaders, curricula: Curricula, watchdog=None):
         self.cfg, self.dims, self.curricula = cfg, dims, curricula
+        self.watchdog = watchdog or NullWatchdog()  # told of every step, save and validation
+        self.watchdog.mark(0, "building the model")
         self.train_loader, self.valid_loader = loaders
         t = cfg.train
         torch.manual_seed(dims.dropout_seed(t.seed))
@@ -206,6 +216,7 @@ class Trainer:
     # ---------------------------------------------------------------------------- loop
 
     def fit(self):
+        self.watchdog.mark(0, "loading the checkpoint")
         self.restore()
         cfg, total = self.cfg, self.cfg.train.steps
         if self.progress.step >= total:
@@ -216,6 +227,7 @@ class Trainer:
         self.bar = progress_bar(total, self.progress.step, enabled=self.is_logger)
         stop = StopRequest(self.dims)
         while self.progress.step < total:
+            self.watchdog.mark(self.progress.step + 1, "training")
             if stop.requested():
                 self.say(f"stop requested by {stop.name}: saving step {self.progress.step} and exiting")
                 break
@@ -232,12 +244,14 @@ class Trainer:
                     f"{out['loss']}, grad norm {out['grad_norm']}); nothing was updated by them. Lower optim.lr "
                     f"or raise optim.warmup_steps, check the data, or resume from an earlier checkpoint")
             if cfg.eval.interval and (step % cfg.eval.interval == 0 or step == total):
+                self.watchdog.mark(step, "validation")
                 self.validate(step)
             if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
                 self.save()
                 saved_at = step
         if saved_at != self.progress.step:
             self.save()
+        self.watchdog.mark(self.progress.step, "finishing the last checkpoint")
         self.checkpointer.wait()
 
     def train_one_step(self) -> dict:
@@ -287,6 +301,7 @@ class Trainer:
                  f"accuracy {out['accuracy']:.3f}")
 
     def save(self):
+        self.watchdog.mark(self.progress.step, "checkpoint save")
         meta = {"step": self.progress.step, "consumed_samples": self.progress.consumed_samples,
                 "skipped_steps": self.progress.skipped_steps}
         self.checkpointer.save(self.progress.step, self.model, self.optimizer, meta=meta, rank_state=get_rng_state())

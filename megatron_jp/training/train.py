@@ -81,6 +81,7 @@ class Curricula:
 
 def run(cfg: Config) -> int:
     """Train as configured; returns the process exit status."""
+    stop = StopRequest()  # from the start: a time-limit warning may come during start-up
     rank, world, _ = launch_env()
     try:
         loaders, curricula = prepare(cfg, rank, world)
@@ -94,7 +95,7 @@ def run(cfg: Config) -> int:
         environment.report(world, rank, cfg.run.dir)
         watchdog.started()
         trainer = Trainer(cfg, dims, loaders, curricula, watchdog)
-        trainer.fit()
+        trainer.fit(stop)
         return 0
     except (TrainingAborted, CheckpointError, ConfigError) as e:
         return fail(e, rank, status=1)
@@ -215,7 +216,7 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- loop
 
-    def fit(self):
+    def fit(self, stop: "StopRequest | None" = None):
         self.watchdog.mark(0, "loading the checkpoint")
         self.restore()
         cfg, total = self.cfg, self.cfg.train.steps
@@ -225,7 +226,7 @@ class Trainer:
         saved_at = self.progress.step
         in_a_row = 0
         self.bar = progress_bar(total, self.progress.step, enabled=self.is_logger)
-        stop = StopRequest(self.dims)
+        stop = (stop or StopRequest()).attach(self.dims)
         while self.progress.step < total:
             self.watchdog.mark(self.progress.step + 1, "training")
             if stop.requested():
@@ -326,10 +327,14 @@ class StopRequest:
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self, dims: ParallelDims):
+    def __init__(self, dims: ParallelDims | None = None):
         self.dims, self.name = dims, None
         for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
+
+    def attach(self, dims: ParallelDims) -> "StopRequest":
+        self.dims = dims
+        return self
 
     def _handle(self, signum, frame):
         self.name = signal.Signals(signum).name

@@ -40,3 +40,25 @@ def slurm(tmp_path_factory):
         pytest.fail(f"SLURM did not start: {e}")
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def gridengine(tmp_path_factory):
+    """Debian's Grid Engine (qmaster + execd) on this host for the session, like `slurm` above."""
+    from gridengine_cluster import GridEngineCluster
+    from slurm_cluster import SchedulerUnavailable
+
+    install = subprocess.run(["bash", str(ROOT / "tools" / "install_test_schedulers.sh"), "gridengine"],
+                             capture_output=True, text=True, timeout=900)
+    if install.returncode != 0:
+        pytest.skip(f"Grid Engine not available: {install.stderr.strip()[-500:]}")
+    cluster = GridEngineCluster(tmp_path_factory.mktemp("sge"))
+    try:
+        cluster.start()
+    except SchedulerUnavailable as e:
+        cluster.stop()
+        if "not installed" in str(e) or "as root" in str(e):
+            pytest.skip(f"Grid Engine not available: {e}")
+        pytest.fail(f"Grid Engine did not start: {e}")
+    yield cluster
+    cluster.stop()

@@ -13,7 +13,10 @@ shift
 options=()
 while [ $# -gt 0 ] && [[ $1 == -* ]]; do options+=("$1"); shift; done
 SCRIPT=${1:?submit_chain.sh: no sbatch script given}
-[ -f "$SCRIPT" ] || { echo "submit_chain.sh: $SCRIPT is not a file (sbatch options take the --option=value form)" >&2; exit 2; }
+if [ ! -f "$SCRIPT" ]; then
+  echo "submit_chain.sh: $SCRIPT is not a file (sbatch options take the --option=value form)" >&2
+  exit 2
+fi
 shift
 previous=""
 for _ in $(seq "$N"); do

@@ -58,7 +58,8 @@ PASS=(PATH LD_LIBRARY_PATH PYTHONPATH VIRTUAL_ENV MASTER_ADDR MASTER_PORT OMP_NU
       TRITON_CACHE_DIR TORCHINDUCTOR_CACHE_DIR CUDA_DEVICE_MAX_CONNECTIONS TORCH_NCCL_ASYNC_ERROR_HANDLING
       $(compgen -e | grep -E '^(NCCL|GLOO|UCX)_' || true))
 
-echo "rendezvous: $MASTER_ADDR:$MASTER_PORT, $NNODES node(s) (${HOSTS[*]}) of job ${JOB_ID:-?}, gloo on ${GLOO_SOCKET_IFNAME:-(default)}"
+echo "rendezvous: $MASTER_ADDR:$MASTER_PORT, $NNODES node(s) (${HOSTS[*]}) of job ${JOB_ID:-?}," \
+  "gloo on ${GLOO_SOCKET_IFNAME:-(default)}"
 mkdir -p logs "$SCRATCH"
 case ${LAUNCHER:-mpirun} in
   mpirun)

@@ -62,7 +62,8 @@ def diagnose(before: dict[int, Beat | None] | None, after: dict[int, Beat | None
         if startup:
             return (f"the rendezvous store at {store} cannot be reached: {host} has not started it (yet), or "
                     f"MASTER_ADDR does not lead to that node from here (check MASTER_ADDR and the interfaces)")
-        return f"{host} stopped responding (frozen or dead): it hosts the rendezvous store at {store}, which does not answer"
+        return (f"{host} stopped responding (frozen or dead): it hosts the rendezvous store at {store}, "
+                f"which does not answer")
     missing = [r for r, beat in after.items() if beat is None]
     if missing:
         return f"{_ranks(missing)} never joined (no heartbeat in the rendezvous store)"

@@ -1,5 +1,5 @@
 """Fixtures of the cluster tests: the integration helpers (train_runs.py), shards of the bundled corpus,
-and a real SLURM controller + node on this host (slurm_cluster.py)."""
+and real schedulers on this host: SLURM (slurm_cluster.py) and Grid Engine (gridengine_cluster.py)."""
 
 import subprocess
 import sys
@@ -17,48 +17,43 @@ def shards(tmp_path_factory) -> str:
     return make_shards(tmp_path_factory.mktemp("shards"))
 
 
-@pytest.fixture(scope="session")
-def slurm(tmp_path_factory):
-    """A SLURM controller and node on this host for the session; installed first if absent and root.
+def running(cluster, packages: str, name: str):
+    """Install `packages` (tools/install_test_schedulers.sh) if absent, start `cluster`, yield it, stop it.
 
-    Skipped (with the reason) where it cannot be installed; a SLURM that is installed but does not
-    start is an error. Every job is cancelled and every daemon stopped at the end, whatever happened.
+    Skipped, with the reason, where the scheduler cannot be installed (not root, no apt, offline);
+    one that is installed but does not start is an error. Every job is cancelled and every daemon
+    stopped at the end, whatever happened.
     """
-    from slurm_cluster import SchedulerUnavailable, SlurmCluster
+    from slurm_cluster import SchedulerUnavailable
 
-    install = subprocess.run(["bash", str(ROOT / "tools" / "install_test_schedulers.sh"), "slurm"],
+    install = subprocess.run(["bash", str(ROOT / "tools" / "install_test_schedulers.sh"), packages],
                              capture_output=True, text=True, timeout=900)
     if install.returncode != 0:
-        pytest.skip(f"SLURM not available: {install.stderr.strip()[-500:]}")
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+        pytest.skip(f"{name} not available: {install.stderr.strip()[-500:]}")
     try:
         cluster.start()
     except SchedulerUnavailable as e:
         cluster.stop()
         if "not installed" in str(e) or "as root" in str(e):
-            pytest.skip(f"SLURM not available: {e}")
-        pytest.fail(f"SLURM did not start: {e}")
-    yield cluster
-    cluster.stop()
+            pytest.skip(f"{name} not available: {e}")
+        pytest.fail(f"{name} did not start: {e}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """munged + slurmctld + slurmd on this host, the host as the one node."""
+    from slurm_cluster import SlurmCluster
+
+    yield from running(SlurmCluster(tmp_path_factory.mktemp("slurm")), "slurm", "SLURM")
 
 
 @pytest.fixture(scope="session")
 def gridengine(tmp_path_factory):
-    """Debian's Grid Engine (qmaster + execd) on this host for the session, like `slurm` above."""
+    """sge_qmaster + sge_execd on this host, the host as the one execution host."""
     from gridengine_cluster import GridEngineCluster
-    from slurm_cluster import SchedulerUnavailable
 
-    install = subprocess.run(["bash", str(ROOT / "tools" / "install_test_schedulers.sh"), "gridengine"],
-                             capture_output=True, text=True, timeout=900)
-    if install.returncode != 0:
-        pytest.skip(f"Grid Engine not available: {install.stderr.strip()[-500:]}")
-    cluster = GridEngineCluster(tmp_path_factory.mktemp("sge"))
-    try:
-        cluster.start()
-    except SchedulerUnavailable as e:
-        cluster.stop()
-        if "not installed" in str(e) or "as root" in str(e):
-            pytest.skip(f"Grid Engine not available: {e}")
-        pytest.fail(f"Grid Engine did not start: {e}")
-    yield cluster
-    cluster.stop()
+    yield from running(GridEngineCluster(tmp_path_factory.mktemp("sge")), "gridengine", "Grid Engine")

@@ -14,6 +14,7 @@ makes them one host. Jobs run as root: min_uid/min_gid 0.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -95,6 +96,8 @@ class GridEngineCluster:
             f"qmaster_spool_dir {self.root / 'spool' / 'qmaster'}\nsecurity_mode none\n"
             f"listener_threads 2\nworker_threads 2\nscheduler_threads 1\n")
         (common / "act_qmaster").write_text(self.node + "\n")
+        # job ids (and so the scripts' rendezvous ports) start at a random number, as in slurm_cluster.py
+        (self.root / "spool" / "qmaster" / "jobseqnum").write_text(f"{random.randrange(1000, 10**6)}\n")
         names = {socket.gethostbyaddr(ip)[0] for ip in _addresses(self.node)} - {self.node}
         (common / "host_aliases").write_text(" ".join([self.node, *sorted(names)]) + "\n")
         conf = (SHARE / "default-configuration").read_text()

@@ -5,12 +5,15 @@ This host is the one node, with its CPUs and no GPUs. Running as root in a conta
 needs: SlurmUser/SlurmdUser root, proctrack/linuxproc (no cgroup hierarchy to delegate),
 task/none (no affinity plugins), no accounting (finished jobs stay visible to scontrol for
 MinJobAge seconds, which is how their states are read), and private ports and munge socket, so
-that nothing on the host (another test run, a system munge) is touched.
+that nothing on the host (another test run, a system munge) is touched. Job ids start at a random
+number: the scripts derive their rendezvous port from the job id, and two test sessions on one host
+must not both start at job 1.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -95,6 +98,7 @@ class SlurmCluster:
         r = self.root
         return f"""\
 ClusterName=megatronjp
+FirstJobId={random.randrange(1000, 10**6)}
 SlurmctldHost={self.node}(127.0.0.1)
 SlurmctldPort={free_port()}
 SlurmdPort={free_port()}

@@ -45,31 +45,22 @@ def test_a_frozen_rank_makes_every_other_rank_exit_naming_it_and_the_step(shards
         tasks.kill()
 
 
-def test_a_rank_dying_while_rank0_publishes_a_checkpoint_leaves_nobody_waiting(shards, tmp_path, free_port):
+@pytest.mark.parametrize("fault, dead, latest", [
+    ("peer-dies-while-rank0-publishes", 1, "iter_0000010"),  # rank 0 had every file: its publication completes
+    ("rank0-dies-while-publishing", 0, "iter_0000005"),  # killed before `latest`: the previous one stays
+])
+def test_a_rank_dying_while_rank0_publishes_a_checkpoint_leaves_nobody_waiting(shards, tmp_path, free_port, fault,
+                                                                               dead, latest):
     args = hang_args(shards, tmp_path, **{"checkpoint.interval": 5})
-    tasks = srun_like(args, WORLD, free_port, tmp_path / "logs", fault="peer-dies-while-rank0-publishes")
+    tasks = srun_like(args, WORLD, free_port, tmp_path / "logs", fault=fault)
+    others = [r for r in range(WORLD) if r != dead]
     try:
-        assert tasks.wait([1], timeout_s=240) == {1: -signal.SIGKILL}, tasks.tail()
-        assert tasks.wait([0, 2], timeout_s=TIMEOUT_S + 30) == {0: 1, 2: 1}, tasks.tail()
-        for r in (0, 2):
+        assert tasks.wait([dead], timeout_s=240) == {dead: -signal.SIGKILL}, tasks.tail()
+        assert tasks.wait(others, timeout_s=TIMEOUT_S + 30) == {r: 1 for r in others}, tasks.tail()
+        for r in others:
             out = tasks[r].output()
-            assert "rank 1 stopped responding" in out and "step 10 (checkpoint save)" in out, out[-2000:]
-        # rank 0 had every file: its publication completed before it noticed
-        assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "iter_0000010"
-    finally:
-        tasks.kill()
-
-
-def test_rank0_dying_while_publishing_leaves_the_previous_checkpoint_latest(shards, tmp_path, free_port):
-    args = hang_args(shards, tmp_path, **{"checkpoint.interval": 5})
-    tasks = srun_like(args, WORLD, free_port, tmp_path / "logs", fault="rank0-dies-while-publishing")
-    try:
-        assert tasks.wait([0], timeout_s=240) == {0: -signal.SIGKILL}, tasks.tail()
-        assert tasks.wait([1, 2], timeout_s=TIMEOUT_S + 30) == {1: 1, 2: 1}, tasks.tail()
-        for r in (1, 2):
-            out = tasks[r].output()
-            assert "rank 0 stopped responding" in out and "step 10 (checkpoint save)" in out, out[-2000:]
-        assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "iter_0000005"
+            assert f"rank {dead} stopped responding" in out and "step 10 (checkpoint save)" in out, out[-2000:]
+        assert (tmp_path / "checkpoints" / "latest").read_text().strip() == latest
     finally:
         tasks.kill()
 

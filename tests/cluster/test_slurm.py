@@ -84,9 +84,8 @@ def test_pretrain_srun_sbatch_trains_with_the_rendezvous_of_its_allocation(slurm
 
 def test_pretrain_sbatch_with_torchrun_trains_exactly_like_srun_tasks(slurm, shards, reference, tmp_path):
     run_dir = tmp_path / "run"
-    (job_id,) = submit(slurm, tmp_path, ["sbatch", "--parsable",
-                                         *sbatch_argv(tmp_path, "pretrain.sbatch", TORCHRUN, train_args(shards, run_dir))],
-                       GPUS_PER_NODE="2")
+    argv = sbatch_argv(tmp_path, "pretrain.sbatch", TORCHRUN, train_args(shards, run_dir))
+    (job_id,) = submit(slurm, tmp_path, ["sbatch", "--parsable", *argv], GPUS_PER_NODE="2")
     job = completed(slurm, job_id)
     out = slurm.job_output(job)
     assert f"environment: 1 node(s) ({slurm.node}), 2 ranks (2 per node)" in out

@@ -64,7 +64,8 @@ def test_the_script_trains_under_a_real_grid_engine(gridengine, shards, tmp_path
     record = gridengine.wait(job_id, timeout_s=240)
     out = (tmp_path / "job.out").read_text(errors="replace")
     assert record["exit_status"].strip() == "0", out[-3000:]
-    assert f"rendezvous: {gridengine.node}:{29500 + int(job_id) % 2000}, 1 node(s) ({gridengine.node}) of job {job_id}" in out
+    node, port = gridengine.node, 29500 + int(job_id) % 2000
+    assert f"rendezvous: {node}:{port}, 1 node(s) ({node}) of job {job_id}" in out
     assert f"environment: 1 node(s) ({gridengine.node}), 2 ranks (2 per node)" in out
     assert [r["step"] for r in records(run_dir) if "loss" in r] == list(range(1, 9))
     assert (tmp_path / "logs").is_dir()  # -cwd: the job ran in the submission folder

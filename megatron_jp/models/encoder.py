@@ -29,6 +29,21 @@ from megatron_jp.ops.qkv_rope import qkv_rope
 
 IGNORE_INDEX = -100
 
+# A tied decoder shares the token embedding's tensor: state dicts hold it under both names, while
+# checkpoints, initialisation and shard layouts know it by the embedding's name only.
+TIED_EMBEDDING = "embeddings.tok.weight"
+TIED_DECODER = "head.decoder.weight"
+
+
+def tie(state: dict, cfg: ModelConfig) -> dict:
+    """A state dict with the tied decoder under its own name too (what Encoder.load_state_dict takes)."""
+    return {**state, TIED_DECODER: state[TIED_EMBEDDING]} if cfg.tie_embeddings else state
+
+
+def untie(state: dict, cfg: ModelConfig) -> dict:
+    """A state dict holding a tied tensor once, under the embedding's name (checkpoints, HF files)."""
+    return {k: v for k, v in state.items() if k != TIED_DECODER} if cfg.tie_embeddings else state
+
 
 @functools.cache
 def compiled_flex_attention():
@@ -128,34 +143,54 @@ class Embeddings(nn.Module):
         return self.drop(h)
 
 
+class QKVProjection(nn.Module):
+    """x (B, S, H), positions -> q (B, Hq, S, D), k and v (B, Hk, S, D): one matmul with the fused
+    [all q; all k; all v] weight, then one op that adds the bias, splits the heads and rotates q and k
+    (ops/qkv_rope.py: a CUDA kernel where built). The head counts are this module's, so a
+    tensor-parallel twin with fewer local heads is the same forward on a smaller weight."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, n_heads: int, n_kv_heads: int):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, cfg.dim_per_head
+        rows = (n_heads + 2 * n_kv_heads) * self.head_dim
+        self.weight = nn.Parameter(torch.empty(rows, cfg.hidden_size))
+        self.bias = nn.Parameter(torch.empty(rows)) if cfg.qkv_bias else None
+        self.rope, self.theta = cfg.position_embedding == "rope", cfg.layer_theta(layer)
+
+    def forward(self, x, positions):
+        return qkv_rope(F.linear(x, self.weight), self.bias, positions if self.rope else None, self.theta,
+                        self.n_heads, self.n_kv_heads, self.head_dim)
+
+
+class CoreAttention(nn.Module):
+    """softmax(q k^T / sqrt(D) + mask) v: SDPA with a dense mask, or flex_attention with a BlockMask.
+    GQA: both kernels broadcast the shared K/V heads instead of materialising repeats. A module of its
+    own (no parameters), so recomputation and tensor-parallel dropout seeds can wrap it from outside."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dropout = cfg.attention_dropout
+
+    def forward(self, q, k, v, mask):
+        gqa = k.shape[1] != q.shape[1]
+        if isinstance(mask, BlockMask):  # flex has no dropout: validation keeps dropout runs on SDPA
+            return compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=gqa)
+        dropout = self.dropout if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_heads, cfg.n_kv_heads, cfg.dim_per_head
-        qkv_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
-        self.qkv = nn.Linear(cfg.hidden_size, qkv_out, bias=cfg.qkv_bias)  # [all q; all k; all v]
-        self.out = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.attn_out_bias)
-        self.rope = cfg.position_embedding == "rope"
-        self.theta = cfg.layer_theta(layer)
+        self.qkv = QKVProjection(cfg, layer, cfg.num_heads, cfg.n_kv_heads)
+        self.core = CoreAttention(cfg)
+        self.out = nn.Linear(cfg.num_heads * cfg.dim_per_head, cfg.hidden_size, bias=cfg.attn_out_bias)
         self.window = 0 if cfg.is_global_layer(layer) else cfg.sliding_window
-        self.dropout = cfg.attention_dropout
 
     def forward(self, x, ctx: AttentionContext, mask):
-        B, S, _ = x.shape
-        # the fused op adds the bias, splits heads and rotates q and k in one pass
-        q, k, v = qkv_rope(F.linear(x, self.qkv.weight), self.qkv.bias,
-                           ctx.positions if self.rope else None, self.theta,
-                           self.n_heads, self.n_kv_heads, self.head_dim)  # (B, heads, S, D)
-        y = self.core_attention(q, k, v, mask)
-        return self.out(y.transpose(1, 2).reshape(B, S, -1))
-
-    def core_attention(self, q, k, v, mask):
-        # GQA: both kernels broadcast the shared K/V heads instead of materialising repeats
-        if isinstance(mask, BlockMask):
-            return compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_heads != self.n_heads)
+        q, k, v = self.qkv(x, ctx.positions)  # (B, heads, S, D)
+        y = self.core(q, k, v, mask)
+        return self.out(y.transpose(1, 2).flatten(2))  # (B, S, heads * D)
 
 
 class MLP(nn.Module):
@@ -200,12 +235,13 @@ class MLMHead(nn.Module):
         self.transform = cfg.head_type == "transform"
         if self.transform:
             self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.head_bias)
+            self.approximate = "tanh" if cfg.head_activation == "gelu_tanh" else "none"
             self.norm = make_norm(cfg)
         self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.decoder_bias)
 
     def forward(self, h):
         if self.transform:
-            h = self.norm(F.gelu(self.dense(h)))
+            h = self.norm(F.gelu(self.dense(h), approximate=self.approximate))
         return self.decoder(h)
 
 
@@ -229,7 +265,11 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.num_layers)})
         self.final_norm = make_norm(cfg) if cfg.final_norm else None
         self.head = MLMHead(cfg)
-        if cfg.tie_embeddings:
+        self.tie_weights()
+
+    def tie_weights(self):
+        """The decoder's weight is the token embedding's tensor (when tied and both are present)."""
+        if self.cfg.tie_embeddings and self.embeddings is not None and self.head is not None:
             self.head.decoder.weight = self.embeddings.tok.weight
 
     def forward(self, input_ids, labels=None, segment_ids=None, position_ids=None, token_type_ids=None,
@@ -237,8 +277,10 @@ class Encoder(nn.Module):
         """input_ids (B, S); labels (B, S) with IGNORE_INDEX where nothing is predicted.
         Stages without embeddings take `hidden_states` (B, S, H) from the previous stage instead."""
         windows = {layer.attn.window for layer in self.layers.values()}
-        ctx = AttentionContext.build(input_ids.shape, input_ids.device, segment_ids, position_ids,
-                                     self.cfg.attention_backend, windowed=any(windows))
+        # attention dropout exists only in SDPA: "auto" keeps training runs with it there
+        backend = "sdpa" if self.training and self.cfg.attention_dropout else self.cfg.attention_backend
+        ctx = AttentionContext.build(input_ids.shape, input_ids.device, segment_ids, position_ids, backend,
+                                     windowed=any(windows))
         masks = {w: ctx.mask(w) for w in windows}
         h = self.embeddings(input_ids, ctx.positions, token_type_ids) if self.embeddings else hidden_states
         for layer in self.layers.values():
@@ -251,6 +293,19 @@ class Encoder(nn.Module):
             return MLMOutput(logits=self.head(h), targets=None)
         predicted = labels != IGNORE_INDEX
         return MLMOutput(logits=self.head(h[predicted]), targets=labels[predicted])  # (N, V), (N,)
+
+
+EMBEDDING_PARAMS = (TIED_EMBEDDING, "embeddings.pos.weight", "embeddings.types.weight")
+
+
+def count_parameters(model: nn.Module) -> dict:
+    """Total parameters (a tied decoder counted once) and those outside the embedding tables."""
+    total = embedding = 0
+    for name, param in model.named_parameters():  # named_parameters yields a shared tensor once
+        total += param.numel()
+        if name in EMBEDDING_PARAMS:
+            embedding += param.numel()
+    return {"params_total": total, "params_non_embedding": total - embedding}
 
 
 def masked_lm_loss(output: MLMOutput, reduction: str = "mean") -> torch.Tensor:
@@ -291,7 +346,6 @@ def build_encoder(cfg: ModelConfig, seed: int = 0, device="cpu", dtype=torch.flo
     if str(device) == "meta":
         return model
     model = model.to_empty(device="cpu")
-    if cfg.tie_embeddings:  # to_empty breaks the sharing: restore it
-        model.head.decoder.weight = model.embeddings.tok.weight
+    model.tie_weights()  # to_empty breaks the sharing: restore it
     init_weights(model, cfg, seed)
     return model.to(device=device, dtype=dtype)

@@ -14,6 +14,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_jp.config import ModelConfig
+from megatron_jp.models.encoder import QKVProjection
 from megatron_jp.parallel.mappings import (all_reduce, copy_to_tensor_parallel_region,
                                            gather_from_sequence_parallel_region, group_size,
                                            reduce_from_tensor_parallel_region,
@@ -58,6 +60,20 @@ class RowParallelLinear(nn.Module):
         else:
             y = reduce_from_tensor_parallel_region(y, self.group)
         return y if self.bias is None else y + self.bias
+
+
+class ColumnParallelQKV(QKVProjection):
+    """The fused q/k/v projection of this rank's heads: its weight holds the rank's rows of [q; k; v]
+    (tensor_parallel.qkv_pieces), so the inherited forward projects, adds the bias, splits and
+    rotates just those heads. Query heads are split evenly; key/value heads too, or, with more ranks
+    than KV heads, each rank keeps the one KV head its query heads attend with."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, tp_size: int, group, sequence_parallel: bool = False):
+        super().__init__(cfg, layer, cfg.num_heads // tp_size, max(cfg.n_kv_heads // tp_size, 1))
+        self.group, self.sequence_parallel = group, sequence_parallel
+
+    def forward(self, x, positions):
+        return super().forward(column_parallel_input(x, self.group, self.sequence_parallel), positions)
 
 
 def column_parallel_input(x, group, sequence_parallel: bool):

@@ -27,7 +27,7 @@ from megatron_jp.config import OptimConfig
 from megatron_jp.parallel.dims import ParallelDims
 from megatron_jp.parallel.mappings import all_gather_single
 from megatron_jp.parallel.sharding import local_from_pieces, sharded_pieces
-from megatron_jp.training.optim import adamw_update_, clip_coefficient
+from megatron_jp.parallel.adamw import adamw_update_, clip_coefficient
 
 STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
 
@@ -63,11 +63,10 @@ class DistributedOptimizer:
     """AdamW with decoupled weight decay (not on norms and biases), global gradient-norm clipping
     and optional ZeRO-1 sharding over data-parallel ranks."""
 
-    def __init__(self, model, cfg: OptimConfig, dims: ParallelDims, zero1: bool = False):
+    def __init__(self, model, cfg: OptimConfig, dims: ParallelDims):
         self.model, self.cfg, self.dims = model, cfg, dims
         self.buffers = model.grad_buffers
-        self.zero1 = zero1 and dims.dp > 1
-        self.buffers.shard_grads = self.zero1
+        self.zero1 = self.buffers.shard_grads  # the model was built with ZeRO-1 gradient buckets
         self.step_count = 0
         self.shards = [self._make_shard(bucket) for bucket in self.buffers.buckets]
 
@@ -203,6 +202,7 @@ class DistributedOptimizer:
         self._publish()
 
 
-def build_optimizer(model, cfg: OptimConfig, dims: ParallelDims, zero1: bool = False) -> DistributedOptimizer:
-    """AdamW for a ParallelModel: .zero_grad(), .step(lr) -> grad norm, state dicts (see the class)."""
-    return DistributedOptimizer(model, cfg, dims, zero1)
+def build_optimizer(model, cfg: OptimConfig, dims: ParallelDims) -> DistributedOptimizer:
+    """AdamW for a ParallelModel (ZeRO-1 when the model was built with zero1=True): .zero_grad(),
+    .step(lr) -> grad norm, state dicts (see the class)."""
+    return DistributedOptimizer(model, cfg, dims)

@@ -10,6 +10,7 @@ each micro-batch's summed loss is divided by that total before backward; gradien
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,23 @@ from megatron_jp.models.encoder import IGNORE_INDEX
 from megatron_jp.parallel.dims import ParallelDims
 from megatron_jp.parallel.layers import vocab_parallel_argmax, vocab_parallel_cross_entropy
 from megatron_jp.parallel.pipeline import run_pipeline
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """One optimizer step, identical on every rank."""
+
+    loss: float  # global mean cross-entropy over the predicted tokens of the batch
+    grad_norm: float  # global L2 norm before clipping
+    num_tokens: int  # predicted tokens in the global batch
+    skipped: bool  # a NaN/inf loss or norm: nothing was updated
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float  # mean cross-entropy over the predicted tokens
+    accuracy: float  # of the argmax prediction
+    num_tokens: int
 
 
 def _to_device(micro_batches: list[dict], device) -> list[dict]:
@@ -43,13 +61,8 @@ def token_losses(model, output) -> torch.Tensor:
     return vocab_parallel_cross_entropy(output.logits, output.targets, model.vocab_start, model.dims.tp_group)
 
 
-def train_step(model, optimizer, micro_batches: list[dict], dims: ParallelDims, lr: float) -> dict:
-    """Forward and backward over every micro-batch (pipelined), gradient sync, clipping, AdamW.
-
-    Returns loss (global mean over predicted tokens), grad_norm (before clipping), num_tokens
-    (predicted tokens in the global batch) and skipped (a NaN/inf loss or norm: nothing was
-    updated), identical on every rank.
-    """
+def train_step(model, optimizer, micro_batches: list[dict], dims: ParallelDims, lr: float) -> StepResult:
+    """Forward and backward over every micro-batch (pipelined), gradient sync, clipping, AdamW."""
     model.train()
     batches = _to_device(micro_batches, dims.device)
     optimizer.zero_grad()
@@ -69,13 +82,12 @@ def train_step(model, optimizer, micro_batches: list[dict], dims: ParallelDims, 
     loss = torch.stack(losses).sum() if losses else torch.zeros((), device=dims.device)
     loss = _sum(loss.double(), dims.pp_group, dims.dp_group).item()  # only last stages hold losses
     grad_norm = optimizer.step(lr, skip=not math.isfinite(loss))
-    return {"loss": loss, "grad_norm": grad_norm, "num_tokens": total,
-            "skipped": not (math.isfinite(loss) and math.isfinite(grad_norm))}
+    return StepResult(loss, grad_norm, total, skipped=not (math.isfinite(loss) and math.isfinite(grad_norm)))
 
 
 @torch.no_grad()
-def eval_step(model, micro_batches: list[dict], dims: ParallelDims) -> dict:
-    """Forward only: loss (mean over predicted tokens), accuracy of the argmax prediction, num_tokens."""
+def eval_step(model, micro_batches: list[dict], dims: ParallelDims) -> EvalResult:
+    """Forward only over every micro-batch (pipelined)."""
     was_training = model.training
     model.eval()
     batches = _to_device(micro_batches, dims.device)
@@ -95,5 +107,4 @@ def eval_step(model, micro_batches: list[dict], dims: ParallelDims) -> dict:
     _sum(stats, dims.pp_group, dims.dp_group)
     model.train(was_training)
     tokens = int(stats[2].item())
-    return {"loss": stats[0].item() / max(tokens, 1), "accuracy": stats[1].item() / max(tokens, 1),
-            "num_tokens": tokens}
+    return EvalResult(stats[0].item() / max(tokens, 1), stats[1].item() / max(tokens, 1), tokens)

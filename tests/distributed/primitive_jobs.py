@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_jp.config import Config
+from megatron_jp.config import Config, preset
 from megatron_jp.models.encoder import MLP, Attention, AttentionContext, Block
-from megatron_jp.models.presets import preset
 from megatron_jp.parallel.data_parallel import sum_model_parallel
 from megatron_jp.parallel.dims import ParallelDims
 from megatron_jp.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                          vocab_parallel_argmax, vocab_parallel_cross_entropy)
 from megatron_jp.parallel.mappings import split_seq
+from megatron_jp.parallel.random import TensorParallelRandom
 from megatron_jp.parallel.sharding import ShardSpec
 from megatron_jp.parallel.tensor_parallel import (TPContext, even_pieces, sequence_parallel_norms, shard_attention,
                                                   shard_mlp)
@@ -155,8 +155,8 @@ def check_attention(dims, tp, kv_heads: int):
     y = full(x, ctx, mask)
     y.backward(grad_y)
     sharded = Attention(cfg, 0)
-    plans = shard_attention(sharded, cfg, tp, "")
-    specs = _shard_params(sharded, full, {k.lstrip("."): v for k, v in plans.items()})
+    plans = shard_attention(sharded, cfg, tp, 0)
+    specs = _shard_params(sharded, full, {k.removeprefix("layers.0.attn."): v for k, v in plans.items()})
     x2 = x.detach().clone().requires_grad_()
     y2 = sharded(x2, ctx, mask)
     y2.backward(grad_y)
@@ -201,7 +201,7 @@ def check_sequence_parallel_block(dims, tp, name: str):
     holder = nn.Module()
     holder.layers = nn.ModuleDict({"1": Block(cfg, 1)})
     holder.final_norm, holder.embeddings, holder.head = None, None, None
-    plans = {**shard_attention(holder.layers["1"].attn, cfg, sp, "layers.1.attn"),
+    plans = {**shard_attention(holder.layers["1"].attn, cfg, sp, 1),
              **shard_mlp(holder.layers["1"].mlp, cfg, sp, "layers.1.mlp"), **sequence_parallel_norms(holder, sp)}
     block = holder.layers["1"]
     specs = _shard_params(block, full, {k[len("layers.1."):]: v for k, v in plans.items()})
@@ -211,6 +211,21 @@ def check_sequence_parallel_block(dims, tp, name: str):
     _grads_after_reductions(block, specs, dims)
     return [("output", y2, split_seq(y, tp.group)), ("input grad", x2.grad, split_seq(x.grad, tp.group))] \
         + _compare_grads(block, full, specs)
+
+
+def check_dropout_rng(dims, tp):
+    """Tensor-parallel peers share a seed: outside a tensor-parallel region they draw the same
+    dropout masks, inside it (parallel.random) different ones, and they leave it in the same state."""
+    torch.manual_seed(11)
+    dropout = TensorParallelRandom(nn.Dropout(0.5), tp.rank)
+    inside = dropout(torch.ones(256))
+    outside = nn.functional.dropout(torch.ones(256), 0.5)
+    peers = [torch.empty_like(inside) for _ in range(TP)], [torch.empty_like(outside) for _ in range(TP)]
+    torch.distributed.all_gather(peers[0], inside, group=tp.group)
+    torch.distributed.all_gather(peers[1], outside, group=tp.group)
+    differ, same = not torch.equal(*peers[0]), torch.equal(*peers[1])
+    return [("masks differ inside the region", torch.tensor(differ), torch.tensor(True)),
+            ("masks agree outside it", torch.tensor(same), torch.tensor(True))]
 
 
 CHECKS = {
@@ -225,6 +240,7 @@ CHECKS = {
     "sequence_parallel_block_rmsnorm": lambda dims, tp: check_sequence_parallel_block(dims, tp, "tiny"),
     "sequence_parallel_block_layernorm_window": lambda dims, tp: check_sequence_parallel_block(
         dims, tp, "tiny-modernbert"),
+    "dropout_rng": check_dropout_rng,
 }
 
 

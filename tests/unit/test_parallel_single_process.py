@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from megatron_jp.config import Config, OptimConfig
+from megatron_jp.config import preset
 from megatron_jp.models.encoder import build_encoder
-from megatron_jp.models.presets import preset
 from megatron_jp.parallel import (ParallelDims, build_optimizer, build_parallel_model, eval_step, memory_breakdown,
                                   train_step)
 from megatron_jp.parallel.testing import reference_run, synthetic_micro_batches
-from megatron_jp.training.optim import adamw_update_, param_groups
+from megatron_jp.parallel.adamw import adamw_update_, param_groups
 
 LR = 1e-3
 OPTIM = OptimConfig(lr=LR, clip_grad=0.5)  # a small clip threshold makes clipping active
@@ -67,7 +67,7 @@ def test_single_process_parallel_model_trains_like_the_plain_encoder(name):
     for batches, loss, norm in zip(steps, losses, norms):
         out = train_step(model, optimizer, batches, ONE, LR)
         # same arithmetic up to summation order: fp32 reassociation, ~1e-7 relative
-        assert out["loss"] == pytest.approx(loss, rel=1e-5) and out["grad_norm"] == pytest.approx(norm, rel=1e-5)
+        assert out.loss == pytest.approx(loss, rel=1e-5) and out.grad_norm == pytest.approx(norm, rel=1e-5)
     full = model.full_state_dict()
     assert full.keys() == state.keys()
     for key, want in state.items():
@@ -88,10 +88,10 @@ def test_a_step_with_a_non_finite_loss_is_skipped_without_touching_weights_or_mo
     head.data.fill_(float("nan"))
     out = train_step(model, optimizer, batches, ONE, LR)
     head.data.copy_(saved)
-    assert out["skipped"] and optimizer.step_count == 1
+    assert out.skipped and optimizer.step_count == 1
     assert all(torch.equal(i.param, before[i.spec.full_name]) for i in model.infos)
     assert all(torch.equal(s.exp_avg, m) for s, m in zip(optimizer.shards, moments))
-    assert not train_step(model, optimizer, batches, ONE, LR)["skipped"] and optimizer.step_count == 2
+    assert not train_step(model, optimizer, batches, ONE, LR).skipped and optimizer.step_count == 2
 
 
 def test_eval_step_reports_the_plain_encoders_loss_and_accuracy():
@@ -103,9 +103,9 @@ def test_eval_step_reports_the_plain_encoders_loss_and_accuracy():
     with torch.no_grad():
         outputs = [plain(b["input_ids"], b["labels"], b["segment_ids"], b["position_ids"]) for b in batches]
     logits, targets = torch.cat([o.logits for o in outputs]), torch.cat([o.targets for o in outputs])
-    assert out["num_tokens"] == targets.numel()
-    assert out["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, targets).item(), rel=1e-5)
-    assert out["accuracy"] == pytest.approx((logits.argmax(-1) == targets).float().mean().item(), abs=1e-9)
+    assert out.num_tokens == targets.numel()
+    assert out.loss == pytest.approx(torch.nn.functional.cross_entropy(logits, targets).item(), rel=1e-5)
+    assert out.accuracy == pytest.approx((logits.argmax(-1) == targets).float().mean().item(), abs=1e-9)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -86,5 +86,5 @@ def test_the_environment_summary_shows_nodes_gpus_and_variables_that_differ():
 @pytest.mark.parametrize("key", ["timeout_minutes", "startup_timeout_minutes"])
 def test_timeouts_must_be_positive_and_may_be_fractions(key):
     assert getattr(load_config(None, [f"--parallel.{key}", "0.5"]).parallel, key) == 0.5
-    with pytest.raises(ConfigError, match=f"parallel.{key} must be > 0"):
+    with pytest.raises(ConfigError, match=f"parallel.{key} = 0.0 is out of range: it must be > 0"):
         load_config(None, [f"--parallel.{key}", "0"])

@@ -1,8 +1,8 @@
-"""AdamW without the learning-rate schedule: which parameters decay, and the update itself.
+"""AdamW's math without the learning-rate schedule: which parameters decay, and the update itself.
 
 `adamw_update_` is torch.optim.AdamW's single-tensor update written out, so the sharded optimizer
-(megatron_jp.parallel.optimizer), which updates flat fp32 slices of many parameters at once, matches
-the single-process torch optimizer step for step. Schedules live in training/schedules.py.
+(parallel/optimizer.py), which updates flat fp32 slices of many parameters at once, matches the
+single-process torch optimizer step for step. Schedules live in training/schedules.py.
 """
 
 from __future__ import annotations

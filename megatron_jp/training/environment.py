@@ -34,7 +34,16 @@ def rank_view(environ=None) -> dict:
             "torch": torch.__version__,
             "cuda": torch.version.cuda,
             "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
+            "infiniband": infiniband_devices(),
             "variables": {k: v for k, v in sorted(env.items()) if k.startswith(PREFIXES) or k in NAMES}}
+
+
+def infiniband_devices(sysfs: str = "/sys/class/infiniband") -> list[str]:
+    """The host's InfiniBand (RDMA) devices, e.g. mlx5_0: what NCCL_IB_HCA may name."""
+    try:
+        return sorted(os.listdir(sysfs))
+    except OSError:
+        return []
 
 
 def gather(world_size: int) -> list[dict]:
@@ -62,6 +71,7 @@ def summarize(views: list[dict], backend: str) -> dict:
     return {"nodes": len(hosts), "hosts": hosts, "ranks": len(views),
             "ranks_per_node": {h: len(r) for h, r in per_host.items()},
             "gpus_per_node": {h: views[r[0]]["gpus"] for h, r in per_host.items()},
+            "infiniband": {h: ", ".join(views[r[0]].get("infiniband", [])) or "none" for h, r in per_host.items()},
             "gpu_name": first["gpu_name"], "backend": backend,
             "torch": sorted({v["torch"] for v in views}), "cuda": sorted({str(v["cuda"]) for v in views}),
             "nccl": first["nccl"], "variables": variables}
@@ -77,7 +87,7 @@ def format_summary(s: dict) -> str:
              f"({compact(s['ranks_per_node'])} per node), GPUs per node {compact(s['gpus_per_node'])}"
              f"{' (' + s['gpu_name'] + ')' if s['gpu_name'] else ''}",
              f"  backend {s['backend']}, torch {' / '.join(s['torch'])}, CUDA {' / '.join(s['cuda'])}"
-             f"{', NCCL ' + s['nccl'] if s['nccl'] else ''}"]
+             f"{', NCCL ' + s['nccl'] if s['nccl'] else ''}; InfiniBand devices {compact(s['infiniband'])}"]
     for name, by_value in s["variables"].items():
         if len(by_value) == 1:
             lines.append(f"  {name}={next(iter(by_value))}")

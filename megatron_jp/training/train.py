@@ -18,7 +18,6 @@ from __future__ import annotations
 import itertools
 import random
 import resource
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from megatron_jp.training.flops import effective_seq_length, flops_per_token, mf
 from megatron_jp.training.metrics import MetricsWriter, console_line
 from megatron_jp.training.schedules import Curricula
 from megatron_jp.training.startup import Start, checkpoint_dir, resolve_vocab, starting_checkpoint
+from megatron_jp.training.stop import StopRequest
 from megatron_jp.training.watchdog import NullWatchdog, Watchdog
 
 
@@ -59,9 +59,10 @@ class Progress:
 # ------------------------------------------------------------------------------------------ entry
 
 
-def run(cfg: Config) -> int:
-    """Train as configured; returns the process exit status."""
-    stop = StopRequest()  # from the start: a time-limit warning may come during start-up
+def run(cfg: Config, stop: StopRequest | None = None) -> int:
+    """Train as configured; returns the process exit status. `stop`: signal handlers installed early
+    (megatron_jp.train does so before importing torch), else now."""
+    stop = stop or StopRequest()
     rank, world, _ = launch_env()
     try:
         validate(cfg, world)
@@ -274,34 +275,6 @@ class Trainer:
         self.bar.close()
         self.train_loader.close()
         self.metrics.close()
-
-
-class StopRequest:
-    """SIGTERM or SIGUSR1 (Slurm's warning before a time limit: `#SBATCH --signal=USR1@120`) asks the
-    run to save and exit between two steps. Ranks may get the signal at different moments, so the
-    decision is an all-reduce: every rank stops after the same step."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self, dims: ParallelDims | None = None):
-        self.dims, self.name = dims, None
-        for sig in self.SIGNALS:
-            signal.signal(sig, self._handle)
-
-    def attach(self, dims: ParallelDims) -> "StopRequest":
-        self.dims = dims
-        return self
-
-    def _handle(self, signum, frame):
-        self.name = signal.Signals(signum).name
-
-    def requested(self) -> bool:
-        if not self.dims.distributed:
-            return self.name is not None
-        flag = torch.tensor(float(self.name is not None), device=self.dims.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.dims.world_group)
-        self.name = self.name or ("a signal to another rank" if flag.item() else None)
-        return self.name is not None
 
 
 class LogWindow:

@@ -70,7 +70,7 @@ def test_the_heartbeat_interval_follows_the_shorter_limit():
 
 def view(host, gpus, **variables):
     return {"host": host, "gpus": gpus, "gpu_name": "NVIDIA H100" if gpus else None, "torch": "2.11.0",
-            "cuda": "12.8", "nccl": "2.26.2", "variables": variables}
+            "cuda": "12.8", "nccl": "2.26.2", "infiniband": ["mlx5_0", "mlx5_1"], "variables": variables}
 
 
 def test_the_environment_summary_shows_nodes_gpus_and_variables_that_differ():
@@ -78,7 +78,7 @@ def test_the_environment_summary_shows_nodes_gpus_and_variables_that_differ():
     text = format_summary(summarize(views, "nccl"))
     assert text.splitlines()[0] == ("environment: 2 node(s) (n1, n2), 8 ranks (4 per node), GPUs per node 4 "
                                     "(NVIDIA H100)")
-    assert "backend nccl, torch 2.11.0, CUDA 12.8, NCCL 2.26.2" in text
+    assert "backend nccl, torch 2.11.0, CUDA 12.8, NCCL 2.26.2; InfiniBand devices mlx5_0, mlx5_1" in text
     assert "  MASTER_ADDR=n1" in text
     assert "  NCCL_IB_HCA differs across ranks: mlx5_0 on n1; (unset) on n2" in text
 

@@ -6,7 +6,6 @@ torchrun's processes per node), as a user of a CPU partition would. Losses are c
 (CPU, fp32, the same layout: dp=2 in every job, the same operations in the same order).
 """
 
-import subprocess
 import sys
 import time
 from pathlib import Path

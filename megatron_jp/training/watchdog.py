@@ -90,7 +90,7 @@ class Watchdog:
     """Start with `start()` before the process group exists; `started()` once it does; `mark(step,
     phase)` whenever the main thread makes progress; `stop()` before the process group is destroyed.
 
-    A world of one needs no watchdog: `Watchdog.disabled()` has the same methods and does nothing.
+    A world of one needs no watchdog: `NullWatchdog` has the same methods and does nothing.
     """
 
     def __init__(self, rank: int, world: int, timeout_s: float, startup_s: float, host: str, port: int,
@@ -122,10 +122,6 @@ class Watchdog:
                   env["MASTER_ADDR"], int(env["MASTER_PORT"]), prefix)
         dog.agent_store = env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
         return dog
-
-    @staticmethod
-    def disabled() -> "NullWatchdog":
-        return NullWatchdog()
 
     @property
     def backstop_s(self) -> float:
@@ -176,12 +172,6 @@ class Watchdog:
         self._stopped.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5 * self.interval + 5)
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
 
     # --------------------------------------------------------------------- the thread
 
@@ -311,10 +301,4 @@ class NullWatchdog:
         pass  # a single process has no peer to blame
 
     def stop(self):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
         pass

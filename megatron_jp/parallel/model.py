@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from megatron_jp.config import ModelConfig
+from megatron_jp.models.attention import AttentionContext, resolve_backend
 from megatron_jp.models.encoder import (TIED_DECODER, TIED_EMBEDDING, Encoder, MLMOutput, build_encoder,
                                         init_weights, tie)
 from megatron_jp.parallel.adamw import decays
@@ -57,13 +58,32 @@ class ParallelModel(nn.Module):
     def vocab_start(self) -> int:
         return self.dims.tp_rank * (self.cfg.vocab_size // self.dims.tp)
 
-    def forward_chunk(self, v: int, batch: dict, hidden: torch.Tensor | None = None) -> MLMOutput:
+    def attention_context(self, batch: dict) -> AttentionContext:
+        """The micro-batch's attention layout, built once and shared by every chunk and layer."""
+        varlen = (batch["cu_seqlens"], batch["max_seqlen"]) if "cu_seqlens" in batch else None
+        return self.chunks[0].attention_context(batch["input_ids"], batch.get("segment_ids"),
+                                                batch.get("position_ids"), varlen)
+
+    @property
+    def uses_varlen(self) -> bool:
+        """Whether attention runs varlen_attn, whose document boundaries the step makes on the host."""
+        return resolve_backend(self.cfg.attention_backend, self.dims.device) == "varlen" and not (
+            self.training and self.cfg.attention_dropout)
+
+    def forward_chunk(self, v: int, batch: dict, ctx: AttentionContext,
+                      hidden: torch.Tensor | None = None) -> MLMOutput:
         """Run chunk v on a micro-batch; `hidden` is the previous chunk's output (None on the first).
         Every chunk reads the micro-batch's ids, segments and positions itself: only hidden states
-        travel between stages. The last chunk returns logits (N, V/tp) at the predicted positions."""
+        travel between stages. The last chunk returns the decoder's input features (N, H) at the
+        batch's `predicted` positions, and their targets: the loss fuses the decoder (parallel/loss.py)."""
         return self.chunks[v](batch["input_ids"], labels=batch.get("labels"), segment_ids=batch.get("segment_ids"),
                               position_ids=batch.get("position_ids"), token_type_ids=batch.get("token_type_ids"),
-                              hidden_states=hidden)
+                              hidden_states=hidden, ctx=ctx, predicted=batch.get("predicted"), logits=False)
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The (vocabulary-parallel) decoder of the last chunk, on the last pipeline stage."""
+        return self.chunks[-1].head.decoder
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("a ParallelModel runs through train_step/eval_step (parallel.step), "

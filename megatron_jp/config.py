@@ -198,6 +198,14 @@ class TrainConfig:
     max_skipped_steps: Positive = 5
     """A step whose loss or gradient norm is NaN/inf is skipped (no update) and counted; this many
     skipped in a row abort the run."""
+    compile: bool | None = None
+    """torch.compile every transformer block (one graph per block, dynamic shapes: seq-length
+    curricula and document layouts do not recompile). Empty/auto: on for CUDA, off on CPU."""
+    device_memory_gb: PositiveFloat = 80.0
+    """Memory of one accelerator; the dry run and the trainer warn when the memory plan exceeds it."""
+    compile_cache_dir: str = ""
+    """Inductor and Triton caches; a restarted job reuses the compiled kernels instead of compiling
+    again for minutes under the collective timeout. Empty: RUN_DIR/compile_cache."""
 
 
 @dataclass
@@ -242,6 +250,10 @@ class ParallelConfig:
     """Shard norm/dropout regions over the sequence within a tensor-parallel group."""
     zero1: bool = False
     """Shard optimizer state and fp32 master weights over data-parallel ranks."""
+    grad_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Data type of the data-parallel gradient sums. bf16 halves their traffic: each rank's fp32
+    gradient is rounded to bf16 (relative error 2^-9) and NCCL sums in bf16, so the step's gradient
+    carries up to ~dp x 2^-9 relative error per element; accumulation buffers stay fp32."""
 
 
 @dataclass

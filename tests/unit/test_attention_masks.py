@@ -75,8 +75,8 @@ def test_flex_attention_through_our_block_mask_equals_masked_sdpa(window):
 
 def test_varlen_boundaries_are_the_documents_of_the_flattened_batch():
     seg = torch.tensor([[1, 1, 2, 0], [1, 1, 1, 1]])
-    cu, longest = varlen_boundaries(seg)
-    assert cu.tolist() == [0, 2, 3, 4, 8] and cu.dtype == torch.int32 and longest == 4
+    cu = varlen_boundaries(seg)
+    assert cu.tolist() == [0, 2, 3, 4, 8] and cu.dtype == torch.int32
 
 
 def varlen_by_sdpa(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False):
@@ -100,8 +100,7 @@ def test_varlen_path_equals_masked_sdpa(monkeypatch, window):
     gen = torch.Generator().manual_seed(2)
     seg = random_layout(gen, 3, 96)
     q, k, v = qkv(gen, 3, 96)
-    cu, longest = varlen_boundaries(seg)
-    got = attend(q, k, v, VarlenLayout(cu, longest, window))
+    got = attend(q, k, v, VarlenLayout(varlen_boundaries(seg), 96, window))
     expected = attend(q, k, v, dense_mask(seg, 96, window, "cpu"))
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)  # padding too: it attends to padding
 

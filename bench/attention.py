@@ -24,6 +24,7 @@ import torch
 
 from megatron_jp.models import attention
 from megatron_jp.models.attention import VarlenLayout, attend, block_mask, dense_mask, varlen_boundaries
+from megatron_jp.parallel.testing import packed_segments
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -45,19 +46,6 @@ CASES = [Case("tohoku-500m global", 4, 4096, 16, 8, 64, 0),
          Case("modernbert-130m global 8k", 4, 8192, 8, 8, 64, 0),
          Case("modernbert-130m local 8k", 4, 8192, 8, 8, 64, 128)]
 REHEARSAL = [Case("tiny global", 2, 256, 4, 2, 16, 0), Case("tiny local", 2, 256, 4, 4, 16, 32)]
-
-
-def packed_segments(batch: int, seq: int, gen: torch.Generator) -> torch.Tensor:
-    rows = []
-    for _ in range(batch):
-        row, pos, doc = torch.zeros(seq, dtype=torch.long), 0, 1
-        used = int(seq * (0.9 + 0.1 * torch.rand(1, generator=gen)))
-        while pos < used:
-            n = int(torch.randint(64, max(seq // 2, 65), (1,), generator=gen))
-            row[pos:min(pos + n, used)] = doc
-            pos, doc = pos + n, doc + 1
-        rows.append(row)
-    return torch.stack(rows)
 
 
 def layouts(case: Case, seg: torch.Tensor, device, rehearse: bool) -> dict:
@@ -93,7 +81,7 @@ def time_ms(fn, iters: int, device) -> float:
 
 def bench_case(case: Case, args, device, dtype) -> dict:
     gen = torch.Generator().manual_seed(0)
-    seg = packed_segments(case.batch, case.seq, gen)
+    seg = packed_segments(gen, case.batch, case.seq, max_documents=max(case.seq // 512, 2))
     shape_q = (case.batch, case.heads, case.seq, case.head_dim)
     shape_kv = (case.batch, case.kv_heads, case.seq, case.head_dim)
     q, k, v = (torch.randn(s, device=device, dtype=dtype, requires_grad=not args.rehearse)

@@ -111,13 +111,14 @@ class ModelConfig:
     hidden_dropout: DropoutRate = 0.0
     """Dropout on embeddings and block outputs."""
     attention_dropout: DropoutRate = 0.0
-    """Dropout on attention probabilities (the sdpa backend; flex_attention has none, so a run with
-    attention dropout uses sdpa)."""
+    """Dropout on attention probabilities. Only SDPA has it: training with it uses SDPA, which on CUDA
+    takes rows that need no mask only (one unpadded document each); the seed models use 0."""
     init_std: PositiveFloat = 0.02
     """Std of the normal initialisation; output projections use init_std / sqrt(2 * num_layers)."""
-    attention_backend: Literal["auto", "sdpa", "flex"] = "auto"
-    """sdpa (dense boolean masks), flex (block-sparse masks; CUDA training) or auto: flex on CUDA when
-    windows or packed documents make the mask sparse, sdpa otherwise."""
+    attention_backend: Literal["auto", "varlen", "flex", "sdpa"] = "auto"
+    """Kernel of packed-document and windowed attention (models/attention.py): varlen (FlashAttention
+    over the concatenated documents, CUDA), flex (block-sparse masks), sdpa (dense masks: CPU only) or
+    auto: sdpa on CPU; on CUDA varlen where torch has it, else flex."""
 
     @property
     def n_kv_heads(self) -> int:
@@ -465,8 +466,9 @@ def validate_model(m: ModelConfig, tensor: int = 1, chunks: int = 1):
     _check(m.sliding_window > 0 or m.global_attn_every_n_layers == 1,
            f"model.global_attn_every_n_layers = {m.global_attn_every_n_layers} asks for local layers "
            f"but model.sliding_window is 0; set model.sliding_window (e.g. 128)")
-    _check(m.attention_dropout == 0 or m.attention_backend != "flex",
-           "model.attention_dropout needs model.attention_backend sdpa or auto (flex_attention has no dropout)")
+    _check(m.attention_dropout == 0 or m.attention_backend in ("sdpa", "auto"),
+           f"model.attention_dropout needs model.attention_backend sdpa or auto ({m.attention_backend} has no "
+           f"dropout)")
     _check(m.num_heads % tensor == 0,
            f"model.num_heads ({m.num_heads}) must be divisible by parallel.tensor ({tensor})")
     kv = m.n_kv_heads

@@ -87,44 +87,48 @@ class DistributedOptimizer:
         self.buffers.zero_grad()
 
     @torch.no_grad()
-    def grad_norm(self) -> float:
-        """The global L2 norm of the gradient (every element counted once, see the module doc)."""
-        device = self.buffers.buckets[0].grads.device if self.buffers.buckets else self.dims.device
-        squares = torch.zeros((), dtype=torch.float64, device=device)
-        for shard in self.shards:
-            for s, e in shard.norm_ranges:
-                squares += shard.grads[s:e].double().square().sum()
+    def grad_norm_squared(self) -> torch.Tensor:
+        """The square of the global L2 norm of the gradient, on the device (every element counted
+        once, see the module doc): one multi-tensor norm over every range this rank counts."""
+        views = [shard.grads[s:e] for shard in self.shards for s, e in shard.norm_ranges]
+        device = views[0].device if views else self.dims.device
+        norms = torch._foreach_norm(views) if views else []
+        squares = torch.stack(norms).double().square().sum() if norms else torch.zeros((), dtype=torch.float64,
+                                                                                        device=device)
         group = self.dims.world_group if self.zero1 else self.dims.mp_group
         if group is not None:
             dist.all_reduce(squares, group=group)
-        return math.sqrt(squares.item())
+        return squares
 
     @torch.no_grad()
-    def step(self, lr: float, skip: bool = False) -> float:
-        """Finish the gradient sums, clip to optim.clip_grad, update; returns the norm before clipping.
+    def step(self, lr: float, loss: torch.Tensor | None = None, *extra: torch.Tensor) -> tuple[float, ...]:
+        """Finish the gradient sums, clip to optim.clip_grad, update.
 
-        A non-finite norm, or skip=True (the caller saw a non-finite loss), leaves parameters and
-        optimizer state untouched: the step is skipped, as in Megatron, not applied with NaNs.
+        Returns (norm before clipping, loss, *extra) as floats, read from the device together: the
+        step's one synchronisation. A non-finite norm or loss leaves parameters and optimizer state
+        untouched: the step is skipped, as in Megatron, not applied with NaNs.
         """
         self.buffers.finish()
-        norm = self.grad_norm()
-        if skip or not math.isfinite(norm):
-            return norm
+        also = [t.reshape(()).double() for t in ((loss,) if loss is not None else ()) + extra]
+        squares, *values = torch.stack([self.grad_norm_squared(), *also]).tolist()
+        norm = math.sqrt(squares) if squares >= 0 else float("nan")
+        if not math.isfinite(norm) or (loss is not None and not math.isfinite(values[0])):
+            return (norm, *values)
         coef = clip_coefficient(norm, self.cfg.clip_grad)
         self.step_count += 1
-        for shard in self.shards:
-            self._update(shard, lr, coef)
+        self._update(lr, coef)
         self._publish()
-        return norm
+        return (norm, *values)
 
-    def _update(self, shard: Shard, lr: float, coef: float):
-        grads = shard.grads
+    def _update(self, lr: float, coef: float):
         if coef < 1.0:
-            grads.mul_(coef)
-        for s, e in shard.decay_ranges:
-            shard.master[s:e].mul_(1 - lr * self.cfg.weight_decay)
-        adamw_update_(shard.master, grads, shard.exp_avg, shard.exp_avg_sq, step=self.step_count, lr=lr,
-                      beta1=self.cfg.beta1, beta2=self.cfg.beta2, eps=self.cfg.eps)
+            torch._foreach_mul_([s.grads for s in self.shards], coef)
+        for shard in self.shards:
+            for s, e in shard.decay_ranges:
+                shard.master[s:e].mul_(1 - lr * self.cfg.weight_decay)
+        adamw_update_([s.master for s in self.shards], [s.grads for s in self.shards],
+                      [s.exp_avg for s in self.shards], [s.exp_avg_sq for s in self.shards], step=self.step_count,
+                      lr=lr, beta1=self.cfg.beta1, beta2=self.cfg.beta2, eps=self.cfg.eps)
 
     def _publish(self):
         """Master weights -> parameters (rounded to their dtype), then all-gather the ZeRO-1 slices."""

@@ -36,7 +36,8 @@ class StopRequest:
         import torch
         import torch.distributed as dist
 
-        flag = torch.tensor(float(self.name is not None), device=self.dims.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.dims.world_group)
+        # a CPU tensor over a gloo group: the check never waits for the GPU's queue
+        flag = torch.tensor(float(self.name is not None))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.dims.host_group)
         self.name = self.name or ("a signal to another rank" if flag.item() else None)
         return self.name is not None

@@ -51,6 +51,10 @@ def test_vocab_parallel_cross_entropy_and_argmax_match_unsharded(results):
     assert_matches(results, "vocab_parallel_cross_entropy")
 
 
+def test_chunked_vocab_parallel_decoder_and_loss_match_unsharded(results):
+    assert_matches(results, "vocab_parallel_linear_cross_entropy")
+
+
 def test_attention_with_kv_heads_split_matches_unsharded(results):
     assert_matches(results, "attention_gqa_kv_split")
 

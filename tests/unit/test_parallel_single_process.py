@@ -31,23 +31,24 @@ def test_adamw_update_matches_torch_adamw_step_for_step():
         p_ref.grad = g.clone()
         opt.step()
         p.mul_(1 - LR * 0.1)
-        adamw_update_(p, g, m, v, step=step, lr=LR, beta1=0.9, beta2=0.98, eps=1e-6)
+        adamw_update_([p], [g], [m], [v], step=step, lr=LR, beta1=0.9, beta2=0.98, eps=1e-6)
         # identical formula and operation order: equal up to the last ulp
         torch.testing.assert_close(p, p_ref.detach(), rtol=0, atol=1e-7)
 
 
 def test_fused_adamw_kernel_matches_the_written_out_update():
     torch.manual_seed(0)
-    p = torch.randn(300)
-    q = p.clone()
-    m, v, m2, v2 = (torch.zeros(300) for _ in range(4))
+    p = [torch.randn(300), torch.randn(7)]  # several tensors in one call, as the optimizer's buckets
+    q = [t.clone() for t in p]
+    m, v, m2, v2 = ([torch.zeros_like(t) for t in p] for _ in range(4))
     for step in range(1, 4):
-        g = torch.randn(300)
+        g = [torch.randn_like(t) for t in p]
         adamw_update_(p, g, m, v, step=step, lr=LR, beta1=0.9, beta2=0.98, eps=1e-6, fused=False)
         adamw_update_(q, g, m2, v2, step=step, lr=LR, beta1=0.9, beta2=0.98, eps=1e-6, fused=True)
     # same formula, different operation order inside the kernel: ulp-level differences
-    torch.testing.assert_close(q, p, rtol=0, atol=1e-7)
-    torch.testing.assert_close(m2, m, rtol=0, atol=0)
+    for got, want, moment, moment_want in zip(q, p, m2, m):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+        torch.testing.assert_close(moment, moment_want, rtol=0, atol=0)
 
 
 def test_weight_decay_skips_norms_and_biases():
@@ -119,8 +120,10 @@ def test_memory_estimate_equals_the_single_process_buffers(precision):
     grads = sum(b.grads.nbytes for b in model.grad_buffers.buckets)
     masters = sum(s.master.nbytes for s in optimizer.shards if s.master.data_ptr() != s.params.data_ptr())
     state = sum(s.exp_avg.nbytes + s.exp_avg_sq.nbytes for s in optimizer.shards) + masters
-    assert memory_breakdown(cfg, 1)[0] == {"params": params, "grads": grads, "optimizer": state,
-                                           "total": params + grads + state}
+    plan = memory_breakdown(cfg, 1)[0]
+    assert {k: plan[k] for k in ("params", "grads", "optimizer")} == {"params": params, "grads": grads,
+                                                                    "optimizer": state}
+    assert plan["total"] == params + grads + state + plan["activations"]
 
 
 def test_full_state_dict_round_trips_through_load_full_state_dict():

@@ -1,8 +1,9 @@
 """Any architecture no native class fits (e.g. RetrievaBERT: learned positions + pre-norm + SwiGLU)
 -> self-contained modeling code loaded through `auto_map` with trust_remote_code=True.
 
-The code is generated from our own modules (PARTS), so the export cannot drift from the model we
-train: the pure-torch reference ops, ModelConfig, the encoder and the transformers wrapper, with
+The code is generated from our own modules (parts()), so the export cannot drift from the model we
+train: the pure-torch reference ops, ModelConfig, the attention layouts, the encoder and the
+transformers wrapper, with
 their megatron_jp imports removed through the syntax tree (any import form, multi-line ones too).
 Every name those imports bound must be defined in the generated file, and the file must compile:
 both are checked at export time, not when a user loads the folder.
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 from megatron_jp import config as config_module
 from megatron_jp.config import ModelConfig
+from megatron_jp.models import attention as attention_module
 from megatron_jp.models import encoder as encoder_module
 from megatron_jp.models.hf import remote_wrapper
 from megatron_jp.models.hf.keymap import Entry, one
@@ -77,6 +79,7 @@ def parts() -> list[Part]:
             Part(glu_module.__name__, _source(glu_module), ("glu_reference",)),
             Part(qkv_module.__name__, _source(qkv_module), ("qkv_rope_reference",)),
             Part(config_module.__name__, _source(config_module), ("ModelConfig",)),
+            Part(attention_module.__name__, _source(attention_module)),
             Part(encoder_module.__name__, _source(encoder_module)),
             Part(remote_wrapper.__name__, _source(remote_wrapper))]
 

@@ -119,19 +119,22 @@ class QAFeature:
     end: int = 0
 
 
-def doc_stride(max_length: int) -> int:
-    """Overlap of consecutive windows: run_qa's 128, less where a window is shorter."""
-    return max(1, min(128, max_length // 2 - 4))
+def doc_stride(max_length: int, question_tokens: int) -> int:
+    """Overlap of consecutive windows: run_qa's 128, at most half of what a window leaves the context."""
+    room = max_length - question_tokens - 3  # [CLS] question [SEP] context [SEP]
+    if room < 2:
+        raise ValueError(f"max length {max_length} leaves no room for the context after the question")
+    return min(128, room // 2)
 
 
 def qa_features(examples: list[QAExample], tokenizer, max_length: int) -> list[QAFeature]:
     """Question + context windows of at most max_length tokens, the question cut to half of them."""
     features = []
-    stride = doc_stride(max_length)
     for index, ex in enumerate(examples):
-        question = _cut_question(tokenizer, ex.question, max_length // 2)
-        enc = tokenizer(question, ex.context, truncation="only_second", max_length=max_length, stride=stride,
-                        return_overflowing_tokens=True, return_offsets_mapping=True, return_token_type_ids=True)
+        question, question_tokens = _cut_question(tokenizer, ex.question, max_length // 2)
+        enc = tokenizer(question, ex.context, truncation="only_second", max_length=max_length,
+                        stride=doc_stride(max_length, question_tokens), return_overflowing_tokens=True,
+                        return_offsets_mapping=True, return_token_type_ids=True)
         for w in range(len(enc["input_ids"])):
             sequence = enc.sequence_ids(w)
             offsets = [tuple(o) if s == 1 else None for o, s in zip(enc["offset_mapping"][w], sequence)]
@@ -142,9 +145,13 @@ def qa_features(examples: list[QAExample], tokenizer, max_length: int) -> list[Q
     return features
 
 
-def _cut_question(tokenizer, question: str, max_tokens: int) -> str:
+def _cut_question(tokenizer, question: str, max_tokens: int) -> tuple[str, int]:
+    """The question cut at a character boundary to about max_tokens, and its token count."""
     offsets = tokenizer(question, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    return question if len(offsets) <= max_tokens else question[:offsets[max_tokens - 1][1]]
+    if len(offsets) > max_tokens:
+        question = question[:offsets[max_tokens - 1][1]]
+        offsets = tokenizer(question, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return question, len(offsets)
 
 
 def answer_tokens(offsets: list, char_start: int, char_end: int) -> tuple[int, int]:

@@ -133,6 +133,9 @@ def prepare(cfg: Config, rank: int, world: int):
                                  global_batch_size=cfg.train.global_batch_size,
                                  mask_prob_at=curricula.mask_prob, seq_length_at=curricula.seq_length,
                                  valid_max_batches=cfg.eval.steps, step_of=curricula.batch.step_of)
+    if cfg.eval.intrinsic:  # refuse missing word flags now, not at the first validation
+        from megatron_jp.eval.during_training import build_dataset
+        build_dataset(cfg, tokenizer)
     return loaders, curricula
 
 
@@ -169,6 +172,12 @@ class Trainer:
         self.bar = progress_bar(0, 0, enabled=False)
         if self.is_logger:
             write_run_config(cfg)
+        self.probe = None
+        if cfg.eval.intrinsic and self.valid_loader is not None:
+            from megatron_jp.data.tokenizers import build_tokenizer
+            from megatron_jp.eval.during_training import MaskedWordProbe
+            tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+            self.probe = MaskedWordProbe(cfg, tokenizer, dims.dp_rank, dims.dp)
         if cfg.eval.interval and self.valid_loader is None:
             self.say("note: eval.interval is set, but data.split and data.valid_paths leave no validation "
                      "documents: validation is skipped")
@@ -282,9 +291,12 @@ class Trainer:
         out = eval_step(self.model, batches, self.dims)
         record = {"step": step, "valid_loss": out["loss"], "valid_accuracy": out["accuracy"],
                   "valid_tokens": out["num_tokens"]}
+        if self.probe is not None:
+            record.update(self.probe(self.model, self.dims))
         self.metrics.log(record)
+        words = f" | masked words {record['masked_word_accuracy']:.3f}" if "masked_word_accuracy" in record else ""
         self.say(f"step {step}/{self.cfg.train.steps} | valid loss {out['loss']:.4f} | "
-                 f"accuracy {out['accuracy']:.3f}")
+                 f"accuracy {out['accuracy']:.3f}{words}")
 
     def save(self):
         meta = {"step": self.progress.step, "consumed_samples": self.progress.consumed_samples,

@@ -80,7 +80,8 @@ class MaskedWordProbe:
         model.eval()
         batches = [{k: v.to(dims.device) if torch.is_tensor(v) else v for k, v in b.items()}
                    for b in self._pipeline_multiple(dims)]
-        stats = torch.zeros(5, dtype=torch.float64, device=dims.device)  # words right, words, tokens right, tokens, loss
+        # words right, words, tokens right, tokens, loss sum
+        stats = torch.zeros(5, dtype=torch.float64, device=dims.device)
 
         def forward_step(v, m, hidden):
             output = model.forward_chunk(v, batches[m], hidden)
@@ -100,7 +101,8 @@ class MaskedWordProbe:
                 dist.all_reduce(stats, group=group)
         model.train(was_training)
         words_right, words, tokens_right, tokens, loss = stats.tolist()
-        return {"masked_word_accuracy": words_right / max(words, 1), "masked_token_accuracy": tokens_right / max(tokens, 1),
+        return {"masked_word_accuracy": words_right / max(words, 1),
+                "masked_token_accuracy": tokens_right / max(tokens, 1),
                 "masked_word_loss": loss / max(tokens, 1), "masked_words": int(words)}
 
     def _pipeline_multiple(self, dims) -> list[dict]:

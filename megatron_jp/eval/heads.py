@@ -92,7 +92,8 @@ class FirstTokenHead(nn.Module):
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
         shape = input_ids.shape  # (B, S) or (B, choices, S)
-        flat = [t.reshape(-1, shape[-1]) if t is not None else None for t in (input_ids, attention_mask, token_type_ids)]
+        flat = [t.reshape(-1, shape[-1]) if t is not None else None
+                for t in (input_ids, attention_mask, token_type_ids)]
         h = self.backbone(*flat)[:, 0]  # (N, H)
         logits = self.out(self.dropout(nn.functional.gelu(self.dense(self.dropout(h)))))
         return logits.view(shape[0], -1) if self.kind == "multiple_choice" else logits

@@ -105,8 +105,9 @@ def word_rows(tokenizer, doc_id, text, original, predicted, selected, unit, span
     for u in np.unique(unit[positions]):
         where = positions[unit[positions] == u]
         gold, pred = original[where].tolist(), predicted[where].tolist()
+        span = text[spans[where[0], 0]:spans[where[-1], 1]]
         rows.append({"id": f"{doc_id}:{int(where[0])}", "kind": "masked_word", "prediction": pred, "gold": gold,
-                     "prediction_text": tokenizer.decode(pred), "gold_text": text[spans[where[0], 0]:spans[where[-1], 1]]})
+                     "prediction_text": tokenizer.decode(pred), "gold_text": span})
     return rows
 
 

@@ -35,8 +35,9 @@ def task_records(task: str, n: int = N) -> list[dict] | dict:
         return [{"sentence_pair_id": str(i), "yjcaptions_id": f"{i}-{i}", "sentence1": s[i % 8],
                  "sentence2": s[(i * 3) % 8], "label": round((i * 0.37) % 5.0, 2)} for i in range(n)]
     if task == "jnli":
-        return [{"sentence_pair_id": str(i), "yjcaptions_id": f"{i}", "sentence1": s[i % 8], "sentence2": s[(i + 1) % 8],
-                 "label": ("entailment", "contradiction", "neutral")[i % 3]} for i in range(n)]
+        return [{"sentence_pair_id": str(i), "yjcaptions_id": f"{i}", "sentence1": s[i % 8],
+                 "sentence2": s[(i + 1) % 8], "label": ("entailment", "contradiction", "neutral")[i % 3]}
+                for i in range(n)]
     if task == "jcola":
         return [{"uid": 100 + i, "source": "test", "label": i % 2, "diacritic": "g", "sentence": s[i % 8]}
                 for i in range(n)]
@@ -62,7 +63,8 @@ def write_task(folder: Path, task: str, n: int = N) -> Path:
 
 def write_retrieval(folder: Path) -> tuple[Path, Path, Path]:
     """10 documents (every rank is scored), 4 queries, graded qrels in BEIR TSV with a header."""
-    docs = [{"_id": f"d{i}", "title": "", "text": SENTENCES[i % 8] + ("雨の日の話。" if i >= 8 else "")} for i in range(10)]
+    docs = [{"_id": f"d{i}", "title": "", "text": SENTENCES[i % 8] + ("雨の日の話。" if i >= 8 else "")}
+            for i in range(10)]
     queries = [{"_id": f"q{i}", "text": SENTENCES[i][:6]} for i in range(4)]
     qrels = "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(4)) + "q0\td8\t2\nq2\td9\t1\n"
     (folder / "qrels.tsv").write_text(qrels, encoding="utf-8")

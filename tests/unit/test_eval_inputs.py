@@ -145,7 +145,8 @@ def test_alignment_and_uniformity_follow_simcse_definitions():
     unit = x.double().numpy()
     unit /= np.linalg.norm(unit, axis=1, keepdims=True)
     assert metrics["uniformity"] == pytest.approx(np.log(np.mean(np.exp(-2 * pdist(unit, "sqeuclidean")))), abs=1e-9)
-    assert metrics["alignment"] == pytest.approx(np.mean([np.sum((unit[a] - unit[b]) ** 2) for a, b in pairs]), abs=1e-9)
+    alignment = np.mean([np.sum((unit[a] - unit[b]) ** 2) for a, b in pairs])
+    assert metrics["alignment"] == pytest.approx(alignment, abs=1e-9)
 
 
 def test_jsquad_scores_are_character_level_and_ignore_spaces_and_ascii_punctuation():

@@ -11,7 +11,6 @@ every path runs and that what is reported is what the predictions say. Recompute
 import contextlib
 import io
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -59,22 +58,6 @@ def evaluate(tool):
         return json.loads(out.getvalue().splitlines()[-1]) if status == 0 else err.getvalue()
 
     return run
-
-
-@pytest.fixture(scope="module")
-def tool():  # the conftest fixture is function-scoped; these tests share one loader per module
-    import importlib.util
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-
-    def load(name):
-        spec = importlib.util.spec_from_file_location(name, root / "tools" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module.main
-
-    return load
 
 
 @pytest.fixture(scope="module")

@@ -51,7 +51,7 @@ def export_sentence_transformers(loaded, output: str | Path, pooling: str, max_s
     output = Path(output)
     if output.exists():
         raise EvalInputError(f"{output} already exists; choose another --output or remove it first")
-    if loaded.encoder is not None:
+    if loaded.encoder is not None and not loaded.native:
         raise EvalInputError(f"{loaded.source}: no transformers class fits this architecture; export it with "
                              f"tools/convert_to_hf.py and pass that folder with --trust-remote-code")
     SentenceTransformer, Transformer, Pooling = _st_modules()
@@ -59,7 +59,7 @@ def export_sentence_transformers(loaded, output: str | Path, pooling: str, max_s
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         with quiet_transformers():  # BertModel's pooler is new (and unused by the pooling module)
-            transformer = _transformer(Transformer, loaded.folder, max_seq_length, loaded.trust_remote_code)
+            transformer = _transformer(Transformer, loaded.hf_folder(), max_seq_length, loaded.trust_remote_code)
             pooling_module = Pooling(loaded.hidden_size, pooling_mode=pooling)
             SentenceTransformer(modules=[transformer, pooling_module], device="cpu").save(str(tmp))
         tmp.rename(output)

@@ -31,7 +31,7 @@ INIT_STD = 0.02
 
 def native_task_class(loaded: LoadedModel, kind: str) -> str | None:
     """The transformers task class name for this model and task kind, or None (then our head runs)."""
-    if loaded.encoder is not None:
+    if loaded.encoder is not None and not loaded.native:
         return None
     auto = AUTO_CLASSES[kind]
     if loaded.info.get("auto_map"):
@@ -46,7 +46,7 @@ def build_task_model(loaded: LoadedModel, kind: str, num_labels: int) -> nn.Modu
     if name is not None:
         import transformers
 
-        model = _quiet_load(getattr(transformers, AUTO_CLASSES[kind]), loaded.folder, loaded.trust_remote_code,
+        model = _quiet_load(getattr(transformers, AUTO_CLASSES[kind]), loaded.hf_folder(), loaded.trust_remote_code,
                             **({"num_labels": num_labels} if kind in ("classification", "regression") else {}))
         return NativeTaskModel(model, kind)
     backbone = loaded.backbone()

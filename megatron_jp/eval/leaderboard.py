@@ -15,7 +15,7 @@ import json
 import re
 from pathlib import Path
 
-from megatron_jp.eval.records import EvalInputError, write_atomically
+from megatron_jp.eval.records import EvalInputError, read_json, write_atomically
 
 SKIPPED = {"documents", "masked_words", "masked_tokens", "pppl_tokens", "pppl_documents", "sentences",
            "positive_pairs", "queries", "fill_mask_probes", "pairs"}  # counts, not scores
@@ -24,12 +24,8 @@ SKIPPED = {"documents", "masked_words", "masked_tokens", "pppl_tokens", "pppl_do
 def read_result(path: str) -> dict:
     p = Path(path)
     p = p / "result.json" if p.is_dir() else p
-    if not p.is_file():
-        raise EvalInputError(f"{path}: no result.json (pass an evaluation's --output folder or its result.json)")
-    try:
-        result = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise EvalInputError(f"{p}:{e.lineno}: not valid JSON ({e.msg})") from None
+    result = read_json(p, "an evaluation result", "no result.json (pass an evaluation's --output folder or its "
+                                                  "result.json)")
     if not isinstance(result, dict) or not isinstance(result.get("metrics"), dict) or "task" not in result:
         raise EvalInputError(f"{p}: expected an evaluation result, a JSON object with 'task' and 'metrics'")
     result["_file"] = str(p)

@@ -6,16 +6,17 @@
         m.backbone()                 # (input_ids, attention_mask, token_type_ids) -> hidden (B, S, H)
         m.task_model(kind, n)        # megatron_jp.eval.heads.TaskModel
 
-A checkpoint is exported to a temporary Hugging Face folder first (tools/convert_to_hf.py's code), so
-a checkpoint and its export are evaluated by the same transformers classes and score the same. A
-checkpoint no native class fits runs on our own Encoder (the code its export would carry). A folder
-with custom code (`auto_map`) is loaded only when the user passes trust_remote_code.
+A checkpoint runs on our own Encoder for masked-LM scores and embeddings (the model its export
+computes, to float32 rounding: tests/unit/test_hf_parity.py; with sparse prediction for
+pseudo-perplexity). For fine-tuning it is exported to a temporary Hugging Face folder first
+(tools/convert_to_hf.py's code), so a checkpoint and its export train the same transformers task
+class and score the same; a checkpoint no native class fits gets our heads over our Encoder. A
+folder with custom code (`auto_map`) is loaded only when the user passes trust_remote_code.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import tempfile
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from megatron_jp.eval.records import EvalInputError
+from megatron_jp.eval.records import EvalInputError, read_json
 
 
 @dataclass
@@ -34,7 +35,8 @@ class LoadedModel:
     source: str
     """The path the user gave."""
     folder: Path
-    """A Hugging Face folder with the tokenizer (a temporary export for checkpoints)."""
+    """A Hugging Face folder with the tokenizer (for checkpoints a temporary folder, which gets the
+    model too when a task class needs it: hf_folder())."""
     info: dict
     """kind (checkpoint | hf), architecture, and for checkpoints step and run (the checkpoint directory)."""
     device: torch.device
@@ -42,7 +44,9 @@ class LoadedModel:
     trust_remote_code: bool = False
     """Given by the user; needed for folders with custom code."""
     encoder: tuple | None = None
-    """(ModelConfig, state dict) when our own Encoder runs instead of a transformers class."""
+    """(ModelConfig, state dict) of a checkpoint: our own Encoder runs instead of a transformers class."""
+    native: bool = False
+    """A checkpoint a native transformers class fits (its fine-tuning uses the export)."""
     tokenizer: object = field(default=None, repr=False)
     """The transformers fast tokenizer of `folder`."""
 
@@ -72,6 +76,17 @@ class LoadedModel:
         # the masked LM's base model: loads every tensor of an MLM export (BertModel alone would add a pooler)
         mlm = _quiet_load(AutoModelForMaskedLM, self.folder, False)
         return HFBackbone(mlm.base_model).to(self.device)
+
+    def hf_folder(self) -> Path:
+        """The Hugging Face folder with the model; a checkpoint is exported into it on first use."""
+        if self.encoder is not None and not (self.folder / "config.json").exists():
+            from megatron_jp.models.hf import export_hf
+
+            cfg, state = self.encoder
+            t = self.tokenizer
+            special = {"pad": t.pad_token_id, "cls": t.cls_token_id, "sep": t.sep_token_id, "mask": t.mask_token_id}
+            export_hf(state, cfg, self.folder, special)
+        return self.folder
 
     def task_model(self, kind: str, num_labels: int):
         """A transformers task class where one exists for this model, else our head over the backbone."""
@@ -199,10 +214,7 @@ def open_model(path: str, trust_remote_code: bool = False, device: str = "auto")
 
 
 def _from_hf(folder: Path, trust_remote_code: bool, device) -> LoadedModel:
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise EvalInputError(f"{folder}/config.json:{e.lineno}: not valid JSON ({e.msg})") from None
+    config = read_json(folder / "config.json", "a Hugging Face model configuration")
     auto_map = config.get("auto_map")
     if auto_map and not trust_remote_code:
         raise EvalInputError(f"{folder}/config.json names custom modeling code (auto_map); pass "
@@ -215,7 +227,7 @@ def _from_hf(folder: Path, trust_remote_code: bool, device) -> LoadedModel:
 
 
 def _from_checkpoint(path: Path, tmp: Path, device) -> LoadedModel:
-    from megatron_jp.models.hf import choose_target, custom, export_hf
+    from megatron_jp.models.hf import choose_target, custom
     from megatron_jp.training.checkpoint import CheckpointError, load_model_state, read_meta, resolve_checkpoint
 
     try:
@@ -224,17 +236,14 @@ def _from_checkpoint(path: Path, tmp: Path, device) -> LoadedModel:
         step = int(read_meta(iter_dir).get("meta", {}).get("step", 0))
     except CheckpointError as e:
         raise EvalInputError(str(e)) from None
-    special = _export_tokenizer(cfg, tmp)
+    _export_tokenizer(cfg, tmp)
     target = choose_target(cfg.model)
-    info = {"kind": "checkpoint", "architecture": target.ARCHITECTURE, "model_type": target.MODEL_TYPE, "step": step,
-            "run": str(iter_dir.parent.resolve()), "iteration": iter_dir.name}
-    if target is custom:  # our own Encoder: the code the export would carry, without executing any file
-        return LoadedModel(str(path), tmp, info, device, encoder=(cfg.model, state))
-    export_hf(state, cfg.model, tmp, special)
-    return LoadedModel(str(path), tmp, info, device)
+    info = {"kind": "checkpoint", "architecture": target.ARCHITECTURE, "model_type": target.MODEL_TYPE,
+            "step": step, "run": str(iter_dir.parent.resolve()), "iteration": iter_dir.name}
+    return LoadedModel(str(path), tmp, info, device, encoder=(cfg.model, state), native=target is not custom)
 
 
-def _export_tokenizer(cfg, folder: Path) -> dict:
+def _export_tokenizer(cfg, folder: Path) -> None:
     from megatron_jp.data.tokenizers import TokenizerError, build_tokenizer, save_hf_tokenizer
 
     d = cfg.data
@@ -244,7 +253,6 @@ def _export_tokenizer(cfg, folder: Path) -> dict:
         raise EvalInputError(f"the checkpoint's tokenizer: {e} (edit data.tokenizer_model in its config.yaml "
                              f"if the tokenizer moved)") from None
     save_hf_tokenizer(tokenizer, str(folder))
-    return {"pad": tokenizer.pad_id, "cls": tokenizer.cls_id, "sep": tokenizer.sep_id, "mask": tokenizer.mask_id}
 
 
 def load_tokenizer(folder: Path, trust_remote_code: bool = False):

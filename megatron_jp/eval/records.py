@@ -42,6 +42,17 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
         raise EvalInputError(f"{path}: the file is empty; expected one JSON object per line")
 
 
+def read_json(path: str | os.PathLike, expected: str, missing: str = "no such file"):
+    """A whole JSON file; refuses a missing file or invalid JSON, naming the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvalInputError(f"{path}: {missing}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise EvalInputError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); expected {expected}") from None
+
+
 def field(record: dict, key: str, where: str, kind, expected: str = ""):
     """record[key], checked against `kind` (a type or tuple of types)."""
     if key not in record:

@@ -13,14 +13,12 @@ and ASCII punctuation (English articles are not removed: the text is Japanese).
 from __future__ import annotations
 
 import collections
-import json
 import string
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-from megatron_jp.eval.records import EvalInputError, check_unique
+from megatron_jp.eval.records import EvalInputError, check_unique, read_json
 
 MAX_ANSWER_CHARS = 100
 N_BEST = 20
@@ -45,13 +43,7 @@ class QAExample:
 
 def read_squad(path: str) -> list[QAExample]:
     """Every question of a SQuAD v1.1 file, each answer checked against its context."""
-    path = Path(path)
-    if not path.is_file():
-        raise EvalInputError(f"{path}: no such file")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise EvalInputError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); expected SQuAD v1.1 JSON") from None
+    data = read_json(path, "SQuAD v1.1 JSON")
     articles = data.get("data") if isinstance(data, dict) else None
     if not isinstance(articles, list):
         raise EvalInputError(f"{path}: expected SQuAD v1.1 JSON, an object with a 'data' list of articles")

@@ -21,6 +21,7 @@ model is loaded, with the file and line at fault (exit status 2).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -131,38 +132,17 @@ def cmd_finetune(args, log):
 
 def cmd_intrinsic(args, log):
     from megatron_jp.eval import intrinsic
-    from megatron_jp.eval.embed import embed_texts, read_sts
+    from megatron_jp.eval.embed import read_sts
     from megatron_jp.eval.models import open_model
 
     docs = intrinsic.read_documents(args.input, args.json_key, args.max_docs)
     pairs = read_sts(args.pairs) if args.pairs else None
     probes = intrinsic.read_probes(args.probes) if args.probes else None
-    metrics, rows, config = {}, [], {"mask_prob": args.mask_prob, "seed": args.seed, "max_length": args.max_length,
-                                     "word_boundaries": args.word_boundaries, "pooling": args.pooling}
+    settings = intrinsic.Settings(args.max_length, args.word_boundaries, args.seed, args.mask_prob,
+                                  0 if args.no_pppl else args.pppl_docs, args.positive_score, args.top_k, args.pooling)
     with open_model(args.model, args.trust_remote_code, args.device) as model:
-        mlm = model.masked_lm()
-        m, r = intrinsic.masked_word_accuracy(mlm, model.tokenizer, docs, model.device, args.max_length,
-                                              args.word_boundaries, args.seed, args.mask_prob)
-        metrics.update(m), rows.extend(r)
-        if not args.no_pppl:
-            m, r = intrinsic.pseudo_perplexity(mlm, model.tokenizer, docs[:args.pppl_docs], model.device,
-                                               args.max_length)
-            metrics.update(m), rows.extend(r)
-        if probes:
-            m, r = intrinsic.fill_mask(mlm, model.tokenizer, probes, model.device, args.top_k)
-            metrics.update(m), rows.extend(r)
-        del mlm
-        if pairs:
-            import numpy as np
-
-            sentences, positives = intrinsic.sentence_pairs(pairs, args.positive_score)
-            emb = embed_texts(model.backbone(), model.tokenizer, sentences, model.device, args.pooling,
-                              args.max_length)
-            metrics.update(intrinsic.alignment_uniformity(emb, positives))
-            os.makedirs(args.output, exist_ok=True)
-            np.savez(os.path.join(args.output, "embeddings.npz"), embeddings=emb.numpy(),
-                     positives=np.asarray(positives, dtype=np.int64).reshape(-1, 2))
-        return finish(args, "intrinsic", metrics, rows, config, model)
+        metrics, rows = intrinsic.evaluate(model, docs, pairs, probes, settings, args.output)
+        return finish(args, "intrinsic", metrics, rows, dataclasses.asdict(settings), model)
 
 
 def cmd_sts(args, log):

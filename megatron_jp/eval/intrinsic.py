@@ -17,6 +17,8 @@ file), uniformity = log E exp(-2 ||f(x) - f(y)||^2) over all pairs of distinct s
 from __future__ import annotations
 
 import math
+import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,6 +32,56 @@ from megatron_jp.training.pseudo_perplexity import (SpecialIds, document_ids, do
 MASK_PROB = 0.15
 POSITIVE_SCORE = 4.0
 MASK_MARK = "[MASK]"
+
+
+@dataclass
+class Settings:
+    """How `evaluate` scores a model."""
+
+    max_length: int = 512
+    """Tokens per document (CLS and SEP included) and per sentence."""
+    word_boundaries: str = "unidic-lite"
+    """Segmenter of the words masked (megatron_jp.data.segment); none: every token is a word."""
+    seed: int = 0
+    """Seeds which words are masked (with the document's position in the file)."""
+    mask_prob: float = MASK_PROB
+    """Fraction of each document's tokens masked, in whole words."""
+    pppl_docs: int = 100
+    """Documents scored for pseudo-perplexity (one forward pass per token); 0 skips it."""
+    positive_score: float = POSITIVE_SCORE
+    """Pairs scoring at least this are the positives of alignment."""
+    top_k: int = 3
+    """Fill-mask predictions kept per probe."""
+    pooling: str = "mean"
+    """Sentence embedding of alignment and uniformity: mean or cls."""
+
+
+def evaluate(model, docs, pairs, probes, settings: Settings, output: str) -> tuple[dict, list]:
+    """Every intrinsic metric the inputs allow: masked-word accuracy and pseudo-perplexity on `docs`,
+    fill-mask on `probes`, alignment and uniformity on `pairs` (their embeddings go to
+    OUTPUT/embeddings.npz). Returns (metrics, predictions.jsonl rows)."""
+    from megatron_jp.eval.embed import embed_texts
+
+    s, metrics, rows = settings, {}, []
+    mlm = model.masked_lm()
+    parts = [masked_word_accuracy(mlm, model.tokenizer, docs, model.device, s.max_length, s.word_boundaries,
+                                  s.seed, s.mask_prob)]
+    if s.pppl_docs:
+        parts.append(pseudo_perplexity(mlm, model.tokenizer, docs[:s.pppl_docs], model.device, s.max_length))
+    if probes:
+        parts.append(fill_mask(mlm, model.tokenizer, probes, model.device, s.top_k))
+    del mlm
+    for m, r in parts:
+        metrics.update(m)
+        rows.extend(r)
+    if pairs:
+        sentences, positives = sentence_pairs(pairs, s.positive_score)
+        emb = embed_texts(model.backbone(), model.tokenizer, sentences, model.device, s.pooling, s.max_length)
+        metrics.update(alignment_uniformity(emb, positives))
+        os.makedirs(output, exist_ok=True)
+        np.savez(os.path.join(output, "embeddings.npz"), embeddings=emb.numpy(),
+                 positives=np.asarray(positives, dtype=np.int64).reshape(-1, 2))
+    return metrics, rows
 
 
 def read_documents(path: str, key: str, limit: int) -> list[tuple[str, str]]:

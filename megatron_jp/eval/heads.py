@@ -7,7 +7,7 @@
     span             AutoModelForQuestionAnswering          linear -> (start, end) per token
 
 Our heads follow the common fine-tuning head of the seed model cards (ModernBERT-Ja: linear, GELU,
-linear on the first token). Every TaskModel returns plain logits: (B, labels), (B, choices), or
+linear on the first token). Every task model returns plain logits: (B, labels), (B, choices), or
 (B, S, 2); the loss is computed by the fine-tuning loop, the same way for both kinds of model.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megatron_jp.eval.models import LoadedModel, _quiet_load, accepts_token_types
+from megatron_jp.eval.models import LoadedModel, quiet_load, accepts_token_types
 
 AUTO_CLASSES = {"classification": "AutoModelForSequenceClassification",
                 "regression": "AutoModelForSequenceClassification",
@@ -46,7 +46,7 @@ def build_task_model(loaded: LoadedModel, kind: str, num_labels: int) -> nn.Modu
     if name is not None:
         import transformers
 
-        model = _quiet_load(getattr(transformers, AUTO_CLASSES[kind]), loaded.hf_folder(), loaded.trust_remote_code,
+        model = quiet_load(getattr(transformers, AUTO_CLASSES[kind]), loaded.hf_folder(), loaded.trust_remote_code,
                             **({"num_labels": num_labels} if kind in ("classification", "regression") else {}))
         return NativeTaskModel(model, kind)
     backbone = loaded.backbone()

@@ -4,7 +4,7 @@
         m.tokenizer                  # a transformers fast tokenizer
         m.masked_lm()                # (input_ids, attention_mask) -> logits (B, S, V)
         m.backbone()                 # (input_ids, attention_mask, token_type_ids) -> hidden (B, S, H)
-        m.task_model(kind, n)        # megatron_jp.eval.heads.TaskModel
+        m.task_model(kind, n)        # a fine-tuning model (megatron_jp.eval.heads)
 
 A checkpoint runs on our own Encoder for masked-LM scores and embeddings (the model its export
 computes, to float32 rounding: tests/unit/test_hf_parity.py; with sparse prediction for
@@ -57,7 +57,7 @@ class LoadedModel:
         else:
             from transformers import AutoModelForMaskedLM
 
-            model = HFMaskedLM(_quiet_load(AutoModelForMaskedLM, self.folder, self.trust_remote_code))
+            model = HFMaskedLM(quiet_load(AutoModelForMaskedLM, self.folder, self.trust_remote_code))
         return model.to(self.device).eval()
 
     def backbone(self) -> nn.Module:
@@ -70,11 +70,11 @@ class LoadedModel:
             if "AutoModel" not in self.info["auto_map"]:
                 raise EvalInputError(f"{self.folder}/config.json: auto_map has no AutoModel entry, so the "
                                      f"encoder's hidden states cannot be loaded")
-            return HFBackbone(_quiet_load(AutoModel, self.folder, True)).to(self.device)
+            return HFBackbone(quiet_load(AutoModel, self.folder, True)).to(self.device)
         from transformers import AutoModelForMaskedLM
 
         # the masked LM's base model: loads every tensor of an MLM export (BertModel alone would add a pooler)
-        mlm = _quiet_load(AutoModelForMaskedLM, self.folder, False)
+        mlm = quiet_load(AutoModelForMaskedLM, self.folder, False)
         return HFBackbone(mlm.base_model).to(self.device)
 
     def hf_folder(self) -> Path:
@@ -181,7 +181,7 @@ def quiet_transformers():
         hf_logging.set_verbosity(level)
 
 
-def _quiet_load(auto_class, folder: Path, trust_remote_code: bool, **kwargs):
+def quiet_load(auto_class, folder: Path, trust_remote_code: bool, **kwargs):
     with quiet_transformers():
         return auto_class.from_pretrained(str(folder), trust_remote_code=trust_remote_code, **kwargs)
 

@@ -303,6 +303,9 @@ class EvalConfig:
     """Validate every N steps; 0 disables."""
     steps: Positive = 10
     """Micro-batches per validation."""
+    intrinsic: bool = False
+    """Also log masked-word accuracy at each validation: whole words of the validation documents masked
+    at a fixed 15% (their _words shards), all as [MASK] (megatron_jp.training.probe)."""
 
 
 @dataclass

@@ -40,6 +40,7 @@ from megatron_jp.training import schedules
 from megatron_jp.training.checkpoint import Checkpointer, CheckpointError
 from megatron_jp.training.flops import effective_seq_length, flops_per_token, mfu
 from megatron_jp.training.metrics import MetricsWriter, console_line
+from megatron_jp.training.probe import MaskedWordProbe, build_dataset
 from megatron_jp.training.schedules import Curricula
 from megatron_jp.training.startup import Start, checkpoint_dir, resolve_vocab, starting_checkpoint
 
@@ -105,6 +106,8 @@ def prepare_data(cfg: Config, rank: int, world: int):
                                  global_batch_size=cfg.train.global_batch_size,
                                  mask_prob_at=curricula.mask_prob, seq_length_at=curricula.seq_length,
                                  valid_max_batches=cfg.eval.steps, step_of=curricula.batch.step_of)
+    if cfg.eval.intrinsic:  # refuse missing word flags now, not at the first validation
+        build_dataset(cfg, tokenizer)
     return loaders, curricula
 
 
@@ -136,6 +139,10 @@ class Trainer:
         warning = memory_warning(cfg, dims.world_size) if dims.device.type == "cuda" else None
         if warning:
             self.say(f"warning: {warning}")
+        self.probe = None
+        if cfg.eval.intrinsic and self.valid_loader is not None:
+            tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+            self.probe = MaskedWordProbe(cfg, tokenizer, dims.dp_rank, dims.dp)
         if cfg.eval.interval and self.valid_loader is None:
             self.say("note: eval.interval is set, but data.split and data.valid_paths leave no validation "
                      "documents: validation is skipped")
@@ -248,8 +255,12 @@ class Trainer:
         out = eval_step(self.model, batches, self.dims)
         record = {"step": step, "valid_loss": out.loss, "valid_accuracy": out.accuracy,
                   "valid_tokens": out.num_tokens}
+        if self.probe is not None:
+            record.update(self.probe(self.model, self.dims))
         self.metrics.log(record)
-        self.say(f"step {step}/{self.cfg.train.steps} | valid loss {out.loss:.4f} | accuracy {out.accuracy:.3f}")
+        words = f" | masked words {record['masked_word_accuracy']:.3f}" if "masked_word_accuracy" in record else ""
+        self.say(f"step {step}/{self.cfg.train.steps} | valid loss {out.loss:.4f} | "
+                 f"accuracy {out.accuracy:.3f}{words}")
 
     def save(self):
         meta = {"step": self.progress.step, "consumed_samples": self.progress.consumed_samples,

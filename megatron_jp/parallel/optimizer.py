@@ -164,8 +164,10 @@ class DistributedOptimizer:
         """Layout-independent state: {"step": n, "master" | "exp_avg" | "exp_avg_sq": {full parameter
         name: [ShardedPiece]}}, the same pieces as the parameter's (model.sharded_state_dict()).
 
-        ZeRO-1 slices are all-gathered over data-parallel ranks first, so every rank briefly holds the
-        state of all its local parameters; data-parallel rank 0 holds the primary pieces.
+        Without ZeRO-1 the pieces are views of the optimizer's own tensors (no copy: a save streams
+        them to disk, a load fills them in place). ZeRO-1 slices are all-gathered over data-parallel
+        ranks first, so every rank briefly holds the state of all its local parameters; data-parallel
+        rank 0 holds the primary pieces.
         """
         out = {"step": self.step_count}
         for key in STATE_KEYS:
@@ -181,7 +183,7 @@ class DistributedOptimizer:
     def _gathered(self, shard: Shard, key: str) -> torch.Tensor:
         local = getattr(shard, key)
         if not self.zero1:
-            return local.clone()
+            return local
         full = local.new_empty(shard.bucket.plan.numel)
         all_gather_single(full, local.contiguous(), group=self.dims.dp_group)
         return full

@@ -4,6 +4,7 @@ named by what they mean (a full disk, a read-only file system). Imports nothing 
 
     write_text(path, text)                       # file: temporary name, fsync, os.replace
     with output_dir(path) as tmp: ...            # folder: filled under a temporary name, then renamed
+    with scratch_dir(path) as tmp: ...           # a temporary folder beside path, always removed
     with output_file(path) as tmp: ...           # a file some library writes (savefig, sentencepiece)
 """
 
@@ -132,6 +133,27 @@ def write_bytes(path: str | os.PathLike, data: bytes):
 
 def write_text(path: str | os.PathLike, text: str):
     write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def scratch_dir(beside: str | os.PathLike):
+    """An empty temporary folder in the folder of `beside` (same file system: renames from it are
+    atomic), with umask permissions; removed on exit unless it was renamed away."""
+    tmp = _temporary_name(Path(beside), folder=True)
+    try:
+        yield tmp
+    finally:
+        remove_quietly(tmp)
+
+
+def move_into(tmp: Path, path: Path):
+    """A complete `tmp` folder becomes `path`; into an existing `path` its files move one rename each
+    (files of `path` that `tmp` does not hold, e.g. a README, stay)."""
+    if not path.is_dir():
+        os.replace(tmp, path)
+        return
+    for f in tmp.iterdir():
+        os.replace(f, path / f.name)
 
 
 @contextlib.contextmanager

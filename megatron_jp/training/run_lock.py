@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch.distributed as dist
+
 from megatron_jp.files import remove_quietly
 
 LOCK = ".lock"
@@ -170,3 +172,21 @@ def lock_all(folders: list[tuple[str | os.PathLike, str]]) -> list[DirLock]:
         raise
     return held
 
+
+
+def hold_run_dirs(run_dir: str | os.PathLike, ckpt_dir: str | os.PathLike, dims) -> list[DirLock]:
+    """Rank 0 locks run.dir and the checkpoint directory for the run's life; every rank raises the
+    same LockedError if it could not (collective over the world: nobody waits on a rank that left)."""
+    locks, message = [], None
+    if dims.rank == 0:
+        try:
+            locks = lock_all([(run_dir, "a training run"), (ckpt_dir, "a training run")])
+        except (LockedError, OSError) as e:
+            message = str(e)
+    if dims.distributed:
+        box = [message]
+        dist.broadcast_object_list(box, src=0, group=dims.world_group, device=dims.device)
+        message = box[0]
+    if message:
+        raise LockedError(message)
+    return locks

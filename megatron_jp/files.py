@@ -46,16 +46,15 @@ def os_error_in(error: BaseException) -> OSError | None:
     stack = [error]
     while stack:
         e = stack.pop()
-        if e is None or id(e) in seen:
+        if not isinstance(e, BaseException) or id(e) in seen:
             continue
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno in _MEANINGS:
             return e
         stack += [e.__cause__, e.__context__]
-        failures = getattr(e, "failures", None)  # torch.distributed.checkpoint's CheckpointException
-        if isinstance(failures, dict):
-            stack += [getattr(f, "exception", f) for f in failures.values() if isinstance(f, BaseException)
-                      or isinstance(getattr(f, "exception", None), BaseException)]
+        failures = getattr(e, "failures", None)  # torch.distributed.checkpoint's CheckpointException:
+        if isinstance(failures, dict):  # {rank: (exception, traceback)}
+            stack += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
     return None
 
 
@@ -148,7 +147,10 @@ def scratch_dir(beside: str | os.PathLike):
 
 def move_into(tmp: Path, path: Path):
     """A complete `tmp` folder becomes `path`; into an existing `path` its files move one rename each
-    (files of `path` that `tmp` does not hold, e.g. a README, stay)."""
+    (files of `path` that `tmp` does not hold, e.g. a README, stay). Whatever a library created in
+    `tmp` gets the umask's permissions (some write 0600 files)."""
+    for f in tmp.rglob("*"):
+        chmod_as_created(f, folder=f.is_dir())
     if not path.is_dir():
         os.replace(tmp, path)
         return

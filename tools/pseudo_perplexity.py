@@ -106,17 +106,22 @@ def from_hf(folder: str, texts: list[str], trust_remote_code: bool = False):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch.set_grad_enabled(False)
     try:
-        texts = read_texts(args.input, args.json_key, args.max_docs)
-        if args.checkpoint:
-            scorer, docs, special = from_checkpoint(args.checkpoint, texts)
-        else:
-            scorer, docs, special = from_hf(args.hf, texts, args.trust_remote_code)
-        result = pseudo_perplexity(docs, special, scorer, args.max_length, args.batch_size)
+        with torch.no_grad():
+            return report(args)
     except (InputError, CheckpointError, TokenizerError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def report(args) -> int:
+    """Score and print the JSON line; 1 when the result is not finite."""
+    texts = read_texts(args.input, args.json_key, args.max_docs)
+    if args.checkpoint:
+        scorer, docs, special = from_checkpoint(args.checkpoint, texts)
+    else:
+        scorer, docs, special = from_hf(args.hf, texts, args.trust_remote_code)
+    result = pseudo_perplexity(docs, special, scorer, args.max_length, args.batch_size)
     print(json.dumps(result))
     if not math.isfinite(result["pppl"]):
         print(f"error: the pseudo-perplexity is not finite ({result['pppl']}): the model's weights or logits "

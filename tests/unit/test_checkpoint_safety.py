@@ -1,6 +1,8 @@
 """Nothing lost, nothing trusted (issue 13): checkpoints that cannot be overwritten, pruned or
 corrupted silently, folders one run owns, no code from downloaded folders. One test per defect of
-the issue, each named as the claim it checks."""
+the issue, each named as the claim it checks. Modules that issue 13 added (megatron_jp.files,
+training.run_lock) are imported inside the tests that use them, so that on the code before it every
+test runs and fails for its own reason."""
 
 import errno
 import json
@@ -15,11 +17,9 @@ import pytest
 import torch
 
 from megatron_jp.config import Config
-from megatron_jp.files import chmod_as_created, output_file, umask
 from megatron_jp.training import dcp_pieces
 from megatron_jp.training.checkpoint import (CheckpointError, Checkpointer, find_latest, load_model_state,
                                              save_model_checkpoint)
-from megatron_jp.training.run_lock import DirLock, LockedError
 from megatron_jp.training.startup import starting_checkpoint
 from test_checkpoint import ONE, build, load_into_fresh, saved, tiny_config  # noqa: F401  (saved: a fixture)
 
@@ -202,6 +202,8 @@ def test_pseudo_perplexity_refuses_a_folder_with_remote_code_unless_trust_remote
 
 
 def test_a_second_owner_of_a_folder_is_refused_naming_host_and_pid(tmp_path):
+    from megatron_jp.training.run_lock import DirLock, LockedError
+
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from megatron_jp.training.run_lock import "
                                "DirLock; DirLock(sys.argv[1], 'a training run').acquire(); print('held', flush=True); "
                                "time.sleep(60)", str(tmp_path)], stdout=subprocess.PIPE, text=True)
@@ -220,6 +222,8 @@ def test_a_second_owner_of_a_folder_is_refused_naming_host_and_pid(tmp_path):
 
 
 def test_a_lock_whose_heartbeat_stopped_is_stale_even_on_another_host(tmp_path):
+    from megatron_jp.training.run_lock import DirLock, LockedError
+
     (tmp_path / ".lock").write_text(json.dumps({"host": "elsewhere", "pid": 1, "what": "a run"}))
     with pytest.raises(LockedError, match="host elsewhere, pid 1"):
         DirLock(tmp_path, "me").acquire()
@@ -231,6 +235,8 @@ def test_a_lock_whose_heartbeat_stopped_is_stale_even_on_another_host(tmp_path):
 
 
 def test_a_tool_cannot_write_into_a_checkpoint_dir_a_run_holds(tmp_path):
+    from megatron_jp.training.run_lock import DirLock
+
     cfg = tiny_config()
     with DirLock(tmp_path, "a training run"):
         with pytest.raises(CheckpointError, match="in use by a training run"):
@@ -365,6 +371,8 @@ def test_convert_to_hf_failing_on_the_tokenizer_leaves_no_folder_behind(saved, t
 
 
 def test_outputs_are_written_under_a_temporary_name_with_the_permissions_of_the_umask(tmp_path, saved, tool):
+    from megatron_jp.files import chmod_as_created, output_file, umask
+
     _, trained = saved
     old = os.umask(0o027)
     try:

@@ -371,7 +371,7 @@ class Checkpointer:
     def _pieces_to_save(self, model, optimizer) -> dict[str, list]:
         state = _keyed(MODEL_PREFIX, model.sharded_state_dict(), primary_only=True)
         if optimizer is not None:
-            sharded = optimizer.sharded_state_dict()  # collective: ZeRO-1 slices gathered over dp
+            sharded = optimizer.sharded_state_dict(for_saving=True)  # collective: ZeRO-1 gathers over dp
             kinds = MOMENTS if model.dtype == torch.float32 else (*MOMENTS, "master")
             for kind in kinds:
                 state.update(_keyed(f"{OPTIM_PREFIX}{kind}.", sharded[kind], primary_only=True))

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from megatron_jp.config import Config, ConfigError, to_yaml, validate
 from megatron_jp.data.loader import build_data_loaders
-from megatron_jp.files import write_text
+from megatron_jp.files import describe_os_error, write_text
 from megatron_jp.data.tokenizers import build_tokenizer
 from megatron_jp.parallel import (ParallelDims, StepResult, build_optimizer, build_parallel_model, eval_step,
                                   init_process_group, launch_env, train_step)
@@ -86,6 +86,11 @@ def run(cfg: Config) -> int:
         return fail(e, rank, status=2)
     except (TrainingAborted, CheckpointError, ConfigError) as e:
         return fail(e, rank, status=1)
+    except OSError as e:  # e.g. metrics.jsonl on a full disk: say which and what it means
+        reason = describe_os_error(e)
+        if reason is None:
+            raise
+        return fail(RuntimeError(f"{reason}; the last published checkpoint stays `latest`"), rank, status=1)
     except KeyboardInterrupt:  # a second Ctrl-C: out at once, the last published checkpoint stays
         return fail(RuntimeError("interrupted: exiting without saving; `latest` names the last complete "
                                  "checkpoint"), rank, status=130)

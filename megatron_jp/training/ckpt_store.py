@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import re
 import uuid
 from pathlib import Path
@@ -173,7 +174,8 @@ def saved_shapes(iter_dir: Path) -> dict[str, tuple[int, ...]]:
         return dcp_pieces.saved_shapes(iter_dir)
     except dcp_pieces.MetadataRefused as e:
         raise CheckpointError(f"{iter_dir / '.metadata'} refused: {e}") from None
-    except (OSError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError, KeyError) as e:
+    except (pickle.UnpicklingError, OSError, EOFError, ValueError, TypeError, AttributeError, ImportError,
+            IndexError, KeyError) as e:
         # what unpickling a damaged or foreign file raises
         raise CheckpointError(f"{iter_dir / '.metadata'} cannot be read ({type(e).__name__}: {e}); "
                               f"load an earlier iteration") from None

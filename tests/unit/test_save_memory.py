@@ -6,8 +6,9 @@ file closed, and the optimizer's pieces were copies), an async save ~53% on ever
 import json
 import subprocess
 import sys
+from pathlib import Path
 
-from conftest import ROOT
+ROOT = Path(__file__).resolve().parents[2]
 
 LIMIT = 0.10
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_jp.config import ConfigError, load_config, validate
+from megatron_jp.files import write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "examples" / "quickstart.yaml"
@@ -437,7 +438,7 @@ def write_summary_json(paths: Paths, results: Results, total_seconds: float):
                "sts_spearman_after": f["after"]["sts_spearman"], "eval": str(paths.eval),
                "logit_gap": f["logit_gap"], "hf": str(paths.hf), "checkpoint": str(paths.checkpoint),
                "png": str(f["png"]), "seconds": {**results.seconds, "total": total_seconds}}
-    (paths.workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_text(paths.workdir / "summary.json", json.dumps(summary, indent=2) + "\n")  # temporary name, renamed
 
 
 if __name__ == "__main__":

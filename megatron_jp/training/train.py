@@ -31,16 +31,18 @@ from tqdm import tqdm
 
 from megatron_jp.config import Config, ConfigError, to_yaml, validate
 from megatron_jp.data.loader import build_data_loaders
+from megatron_jp.files import describe_os_error, write_text
 from megatron_jp.data.tokenizers import build_tokenizer
 from megatron_jp.parallel import (ParallelDims, StepResult, build_optimizer, build_parallel_model, eval_step,
                                   init_process_group, launch_env, train_step)
 from megatron_jp.parallel.compile import compile_enabled, use_compile_cache
 from megatron_jp.parallel.memory import memory_warning
 from megatron_jp.training import schedules
-from megatron_jp.training.checkpoint import Checkpointer, CheckpointError
+from megatron_jp.training.checkpoint import Checkpointer, CheckpointError, checkpoint_bytes
 from megatron_jp.training.flops import effective_seq_length, flops_per_token, mfu
 from megatron_jp.training.metrics import MetricsWriter, console_line
 from megatron_jp.training.probe import MaskedWordProbe, build_dataset
+from megatron_jp.training.run_lock import LockedError, hold_run_dirs
 from megatron_jp.training.schedules import Curricula
 from megatron_jp.training.startup import Start, checkpoint_dir, resolve_vocab, starting_checkpoint
 
@@ -73,16 +75,33 @@ def run(cfg: Config) -> int:
         return fail(e, rank, status=2)
     rank, world, device = init_process_group()
     dims = ParallelDims.from_config(cfg, world, rank, device)
-    trainer = None
+    trainer, locks = None, []
     try:
+        locks = hold_run_dirs(cfg.run.dir, checkpoint_dir(cfg), dims)  # this run owns them until it ends
+        for lock in locks:
+            if lock.note:
+                print(lock.note, flush=True)
+        start = starting_checkpoint(cfg)  # again, under the lock: the newest `latest`
         trainer = Trainer(cfg, dims, loaders, curricula)
         trainer.fit(start)
         return 0
+    except LockedError as e:
+        return fail(e, rank, status=2)
     except (TrainingAborted, CheckpointError, ConfigError) as e:
         return fail(e, rank, status=1)
+    except OSError as e:  # e.g. metrics.jsonl on a full disk: say which and what it means
+        reason = describe_os_error(e)
+        if reason is None:
+            raise
+        return fail(RuntimeError(f"{reason}; the last published checkpoint stays `latest`"), rank, status=1)
+    except KeyboardInterrupt:  # a second Ctrl-C: out at once, the last published checkpoint stays
+        return fail(RuntimeError("interrupted: exiting without saving; `latest` names the last complete "
+                                 "checkpoint"), rank, status=130)
     finally:
         if trainer is not None:
             trainer.close()
+        for lock in reversed(locks):
+            lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -134,6 +153,7 @@ class Trainer:
         self.metrics = MetricsWriter(cfg.run.dir, enabled=self.is_logger)
         self.log = LogWindow()
         self.bar = progress_bar(0, 0, enabled=False)
+        self.stop: StopRequest | None = None  # installed by fit(), restored by close()
         if self.is_logger:
             write_run_config(cfg)
         warning = memory_warning(cfg, dims.world_size) if dims.device.type == "cuda" else None
@@ -155,6 +175,7 @@ class Trainer:
         c = self.cfg.checkpoint
         if start is not None and start.resume:
             loaded = self.checkpointer.load(start.path, self.model, self.optimizer)
+            self.checkpointer.adopt(loaded)  # the same run goes on: its folders are its own to prune
             self._continue_from(loaded.meta)
             if loaded.rank_state is not None:
                 set_rng_state(loaded.rank_state)
@@ -184,10 +205,11 @@ class Trainer:
         if self.progress.step >= total:
             self.say(f"nothing to do: the checkpoint is at step {self.progress.step} >= train.steps ({total})")
             return
+        self.checkpointer.preflight(checkpoint_bytes(cfg))  # a full or read-only disk: now, not after the steps
         saved_at = self.progress.step
         in_a_row = 0
         self.bar = progress_bar(total, self.progress.step, enabled=self.is_logger)
-        stop = StopRequest(self.dims)
+        stop = self.stop = StopRequest(self.dims)
         while self.progress.step < total:
             if stop.requested():
                 self.say(f"stop requested by {stop.name}: saving step {self.progress.step} and exiting")
@@ -249,10 +271,16 @@ class Trainer:
         if self.valid_loader is None:
             return
         batches = list(self.valid_loader)
+        if not batches:
+            self.say(f"step {step}: the validation set yields no batch of train.micro_batch_size rows: not validated")
+            return
         if self.dims.vpp > 1:  # interleaved pipelining runs micro-batches in groups of pp
             n = -(-len(batches) // self.dims.pp) * self.dims.pp
             batches = list(itertools.islice(itertools.cycle(batches), n))
         out = eval_step(self.model, batches, self.dims)
+        if out.num_tokens == 0:  # a loss of 0/0 is no measurement: log nothing rather than 0.0
+            self.say(f"step {step}: validation found no masked token in {len(batches)} micro-batches: not logged")
+            return
         record = {"step": step, "valid_loss": out.loss, "valid_accuracy": out.accuracy,
                   "valid_tokens": out.num_tokens}
         if self.probe is not None:
@@ -275,26 +303,37 @@ class Trainer:
                 tqdm.write(message)
 
     def close(self):
+        if self.stop is not None:
+            self.stop.restore()
         self.bar.close()
         self.train_loader.close()
         self.metrics.close()
 
 
 class StopRequest:
-    """SIGTERM or SIGUSR1 (Slurm's warning before a time limit: `#SBATCH --signal=USR1@120`) asks the
-    run to save and exit between two steps. Ranks may get the signal at different moments, so the
-    decision is an all-reduce: every rank stops after the same step. It runs on a CPU tensor over a
-    gloo group, so the check never waits for the GPU's queue."""
+    """SIGTERM, SIGUSR1 (Slurm's warning before a time limit: `#SBATCH --signal=USR1@120`) or Ctrl-C
+    (SIGINT) asks the run to save and exit between two steps; a second Ctrl-C exits at once
+    (KeyboardInterrupt; the last published checkpoint stays `latest`). Ranks may get the signal at
+    different moments, so the decision is an all-reduce: every rank stops after the same step. It runs
+    on a CPU tensor over a gloo group, so the check never waits for the GPU's queue."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self, dims: ParallelDims):
         self.dims, self.name = dims, None
-        for sig in self.SIGNALS:
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.name is not None:
+            raise KeyboardInterrupt
         self.name = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            print("\ninterrupt: saving after this step and exiting (Ctrl-C again to exit at once)",
+                  file=sys.stderr, flush=True)
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def requested(self) -> bool:
         if not self.dims.distributed:
@@ -356,7 +395,7 @@ def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
 def write_run_config(cfg: Config):
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+    write_text(run_dir / "config.yaml", to_yaml(cfg))
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -311,6 +311,9 @@ class EvalConfig:
     """Validate every N steps; 0 disables."""
     steps: Positive = 10
     """Micro-batches per validation."""
+    intrinsic: bool = False
+    """Also log masked-word accuracy at each validation: whole words of the validation documents masked
+    at a fixed 15% (their _words shards), all as [MASK] (megatron_jp.training.probe)."""
 
 
 @dataclass
@@ -510,6 +513,13 @@ def validate_training(cfg: Config):
            f"train.micro_batch_size ({t.micro_batch_size})")
     _check(o.min_lr <= o.lr, f"need optim.min_lr ({o.min_lr}) <= optim.lr ({o.lr})")
     _check(o.warmup_steps <= t.steps, f"optim.warmup_steps ({o.warmup_steps}) must not exceed train.steps ({t.steps})")
+    _check(o.schedule != "wsd" or o.warmup_steps + o.decay_steps <= t.steps,
+           f"optim.warmup_steps + optim.decay_steps ({o.warmup_steps} + {o.decay_steps}) must not exceed "
+           f"train.steps ({t.steps}) for the wsd schedule")
+    ramp = t.rampup_batch_size
+    _check(ramp is None or ramp.start <= t.global_batch_size,
+           f"train.rampup_batch_size starts at {ramp.start if ramp else 0}, above train.global_batch_size "
+           f"({t.global_batch_size}): a ramp-up grows towards the global batch size")
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:

@@ -43,9 +43,9 @@ def main(argv=None) -> int:
             merged.check_words(words)
         elif any(with_words):
             print("warning: only some inputs have word-flag shards; merged tokens only", file=sys.stderr)
-    except (indexed.ShardFormatError, ValueError) as err:
+    except (indexed.ShardFormatError, ValueError, OSError) as err:  # bad input: one line, status 2
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2
     print(f"merged {len(prefixes)} shards: {len(merged):,} documents, {len(merged.tokens):,} tokens "
           f"-> {args.output_prefix}.bin/.idx")
     return 0

@@ -1,8 +1,8 @@
 """`python tests/cluster/faults.py FAULT TRAINER_ARGS...`: the trainer with one rank dying during the
 publication of the checkpoint of step FAULT_STEP (10), as a node fails at the worst moment.
 
-    peer-dies-while-rank0-publishes  rank 1 passes the "every file is written" barrier, then is
-                                     SIGKILLed while rank 0 renames the folder and writes `latest`
+    peer-dies-while-rank0-publishes  rank 1 passes the "every file is written" gathering of hashes,
+                                     then is SIGKILLed while rank 0 renames the folder and writes `latest`
     rank0-dies-while-publishing      rank 0 is SIGKILLed after renaming the folder, before `latest`
 """
 
@@ -22,23 +22,26 @@ def die():
 
 def inject(fault: str):
     if fault == "peer-dies-while-rank0-publishes":
-        original = checkpoint.Checkpointer._publish
+        publish_step, on_rank0 = checkpoint.Checkpointer._publish, checkpoint.Checkpointer._on_rank0
 
-        def _publish(self, step, tmp, info):
-            if step == FAULT_STEP and self.dims.rank == 1:
-                self._barrier()  # every rank's files are complete: rank 0 publishes now
+        def _publish(self, step, *args, **kwargs):
+            self.fault_now = step == FAULT_STEP and self.dims.rank == 1
+            return publish_step(self, step, *args, **kwargs)
+
+        def _on_rank0(self, work):
+            if getattr(self, "fault_now", False):  # every rank's files are complete: rank 0 publishes now
                 die()
-            return original(self, step, tmp, info)
+            return on_rank0(self, work)
 
-        checkpoint.Checkpointer._publish = _publish
+        checkpoint.Checkpointer._publish, checkpoint.Checkpointer._on_rank0 = _publish, _on_rank0
     elif fault == "rank0-dies-while-publishing":
         original = checkpoint.publish
 
-        def publish(ckpt_dir, tmp, step, keep):
+        def publish(ckpt_dir, tmp, step, *args, **kwargs):
             if step == FAULT_STEP:
                 os.replace(tmp, ckpt_dir / checkpoint.iteration_name(step))
                 die()  # `latest` still names the previous checkpoint
-            return original(ckpt_dir, tmp, step, keep)
+            return original(ckpt_dir, tmp, step, *args, **kwargs)
 
         checkpoint.publish = publish
     else:

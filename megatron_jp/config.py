@@ -251,6 +251,14 @@ class ParallelConfig:
     """Shard norm/dropout regions over the sequence within a tensor-parallel group."""
     zero1: bool = False
     """Shard optimizer state and fp32 master weights over data-parallel ranks."""
+    timeout_minutes: PositiveFloat = 10.0
+    """A rank that makes no progress for this long (a collective that never completes: a frozen, dead
+    or unreachable peer) makes every rank exit with a message naming the step and the stuck rank.
+    torch.distributed's own collective timeout is set a minute longer, as a backstop."""
+    startup_timeout_minutes: PositiveFloat = 5.0
+    """Start-up (rendezvous, process groups): if the ranks have not all joined within this long, each
+    exits naming those that never arrived; shorter than timeout_minutes so that a wrong MASTER_ADDR
+    or a dead node is reported quickly. Raise it when some ranks prepare data long before joining."""
     grad_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
     """Data type of the data-parallel gradient sums. bf16 halves their traffic: each rank's fp32
     gradient is rounded to bf16 (relative error 2^-9) and NCCL sums in bf16, so the step's gradient

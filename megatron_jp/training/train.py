@@ -18,7 +18,6 @@ from __future__ import annotations
 import itertools
 import random
 import resource
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from megatron_jp.parallel import (ParallelDims, StepResult, build_optimizer, bui
                                   init_process_group, launch_env, train_step)
 from megatron_jp.parallel.compile import compile_enabled, use_compile_cache
 from megatron_jp.parallel.memory import memory_warning
-from megatron_jp.training import schedules
+from megatron_jp.training import environment, schedules
 from megatron_jp.training.checkpoint import Checkpointer, CheckpointError, checkpoint_bytes
 from megatron_jp.training.flops import effective_seq_length, flops_per_token, mfu
 from megatron_jp.training.metrics import MetricsWriter, console_line
@@ -45,6 +44,8 @@ from megatron_jp.training.probe import MaskedWordProbe, build_dataset
 from megatron_jp.training.run_lock import LockedError, hold_run_dirs
 from megatron_jp.training.schedules import Curricula
 from megatron_jp.training.startup import Start, checkpoint_dir, resolve_vocab, starting_checkpoint
+from megatron_jp.training.stop import StopRequest
+from megatron_jp.training.watchdog import NullWatchdog, Watchdog
 
 
 class TrainingAborted(RuntimeError):
@@ -63,8 +64,10 @@ class Progress:
 # ------------------------------------------------------------------------------------------ entry
 
 
-def run(cfg: Config) -> int:
-    """Train as configured; returns the process exit status."""
+def run(cfg: Config, stop: StopRequest | None = None) -> int:
+    """Train as configured; returns the process exit status. `stop`: signal handlers installed early
+    (megatron_jp.train does so before importing torch), else now."""
+    stop = stop or StopRequest()
     rank, world, _ = launch_env()
     try:
         validate(cfg, world)
@@ -73,17 +76,20 @@ def run(cfg: Config) -> int:
         loaders, curricula = prepare_data(cfg, rank, world)
     except (ConfigError, CheckpointError, ValueError, OSError) as e:  # before any process group exists
         return fail(e, rank, status=2)
-    rank, world, device = init_process_group()
-    dims = ParallelDims.from_config(cfg, world, rank, device)
+    watchdog = Watchdog.from_config(cfg.parallel, rank, world).start()  # no rank waits forever
     trainer, locks = None, []
     try:
+        rank, world, device = init_process_group(timeout_s=watchdog.backstop_s)
+        dims = ParallelDims.from_config(cfg, world, rank, device)
+        environment.report(world, rank, cfg.run.dir)
+        watchdog.started()
         locks = hold_run_dirs(cfg.run.dir, checkpoint_dir(cfg), dims)  # this run owns them until it ends
         for lock in locks:
             if lock.note:
                 print(lock.note, flush=True)
         start = starting_checkpoint(cfg)  # again, under the lock: the newest `latest`
-        trainer = Trainer(cfg, dims, loaders, curricula)
-        trainer.fit(start)
+        trainer = Trainer(cfg, dims, loaders, curricula, watchdog)
+        trainer.fit(start, stop)
         return 0
     except LockedError as e:
         return fail(e, rank, status=2)
@@ -97,7 +103,11 @@ def run(cfg: Config) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C: out at once, the last published checkpoint stays
         return fail(RuntimeError("interrupted: exiting without saving; `latest` names the last complete "
                                  "checkpoint"), rank, status=130)
+    except RuntimeError as e:  # gloo raises this when a peer's connection closes
+        watchdog.collective_failed(e)  # names the rank that vanished and exits, if one did
+        raise
     finally:
+        watchdog.stop()
         if trainer is not None:
             trainer.close()
         for lock in reversed(locks):
@@ -134,8 +144,10 @@ def prepare_data(cfg: Config, rank: int, world: int):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, dims: ParallelDims, loaders, curricula: Curricula):
+    def __init__(self, cfg: Config, dims: ParallelDims, loaders, curricula: Curricula, watchdog=None):
         self.cfg, self.dims, self.curricula = cfg, dims, curricula
+        self.watchdog = watchdog or NullWatchdog()  # told of every step, save and validation
+        self.watchdog.mark(0, "building the model")
         self.train_loader, self.valid_loader = loaders
         t = cfg.train
         torch.manual_seed(dims.dropout_seed(t.seed))
@@ -199,7 +211,8 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- loop
 
-    def fit(self, start: Start | None = None):
+    def fit(self, start: Start | None = None, stop: "StopRequest | None" = None):
+        self.watchdog.mark(0, "loading the checkpoint")
         self.restore(start)
         cfg, total = self.cfg, self.cfg.train.steps
         if self.progress.step >= total:
@@ -209,8 +222,9 @@ class Trainer:
         saved_at = self.progress.step
         in_a_row = 0
         self.bar = progress_bar(total, self.progress.step, enabled=self.is_logger)
-        stop = self.stop = StopRequest(self.dims)
+        stop = self.stop = (stop or StopRequest()).attach(self.dims)
         while self.progress.step < total:
+            self.watchdog.mark(self.progress.step + 1, "training")
             if stop.requested():
                 self.say(f"stop requested by {stop.name}: saving step {self.progress.step} and exiting")
                 break
@@ -227,12 +241,14 @@ class Trainer:
                     f"{out.loss}, grad norm {out.grad_norm}); nothing was updated by them. Lower optim.lr "
                     f"or raise optim.warmup_steps, check the data, or resume from an earlier checkpoint")
             if cfg.eval.interval and (step % cfg.eval.interval == 0 or step == total):
+                self.watchdog.mark(step, "validation")
                 self.evaluate(step)
             if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
                 self.save()
                 saved_at = step
         if saved_at != self.progress.step:
             self.save()
+        self.watchdog.mark(self.progress.step, "finishing the last checkpoint")
         self.checkpointer.wait()
 
     def train_one_step(self) -> StepResult:
@@ -291,6 +307,7 @@ class Trainer:
                  f"accuracy {out.accuracy:.3f}{words}")
 
     def save(self):
+        self.watchdog.mark(self.progress.step, "checkpoint save")
         meta = {"step": self.progress.step, "consumed_samples": self.progress.consumed_samples,
                 "skipped_steps": self.progress.skipped_steps}
         self.checkpointer.save(self.progress.step, self.model, self.optimizer, meta=meta, rank_state=get_rng_state())
@@ -308,40 +325,6 @@ class Trainer:
         self.bar.close()
         self.train_loader.close()
         self.metrics.close()
-
-
-class StopRequest:
-    """SIGTERM, SIGUSR1 (Slurm's warning before a time limit: `#SBATCH --signal=USR1@120`) or Ctrl-C
-    (SIGINT) asks the run to save and exit between two steps; a second Ctrl-C exits at once
-    (KeyboardInterrupt; the last published checkpoint stays `latest`). Ranks may get the signal at
-    different moments, so the decision is an all-reduce: every rank stops after the same step. It runs
-    on a CPU tensor over a gloo group, so the check never waits for the GPU's queue."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-
-    def __init__(self, dims: ParallelDims):
-        self.dims, self.name = dims, None
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-
-    def _handle(self, signum, frame):
-        if signum == signal.SIGINT and self.name is not None:
-            raise KeyboardInterrupt
-        self.name = signal.Signals(signum).name
-        if signum == signal.SIGINT:
-            print("\ninterrupt: saving after this step and exiting (Ctrl-C again to exit at once)",
-                  file=sys.stderr, flush=True)
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def requested(self) -> bool:
-        if not self.dims.distributed:
-            return self.name is not None
-        flag = torch.tensor(float(self.name is not None))
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.dims.host_group)
-        self.name = self.name or ("a signal to another rank" if flag.item() else None)
-        return self.name is not None
 
 
 class LogWindow:

@@ -29,10 +29,10 @@ MASTER_ADDR=${HOSTS[0]}
 MASTER_PORT=${MASTER_PORT:-$((29500 + ${JOB_ID:-0} % 2000))}   # two jobs on one node do not collide
 export MASTER_ADDR MASTER_PORT
 
-# Node-local scratch ($TMPDIR, per job and node): compiler caches, and the data index cache where this
-# megatron_jp has data.cache_dir. Home and group disks are shared file systems: slow for small files.
+# Node-local scratch ($TMPDIR, per job and node) for the data index cache where this megatron_jp has
+# data.cache_dir: home and group disks are shared file systems, slow for many small reads. Compiled
+# kernels stay in RUN_DIR/compile_cache (train.compile_cache_dir), so a chained job does not compile again.
 SCRATCH=${TMPDIR:-${TMP:-/tmp}}/megatron_jp
-export TRITON_CACHE_DIR=$SCRATCH/triton TORCHINDUCTOR_CACHE_DIR=$SCRATCH/inductor
 EXTRA=()
 if python -m megatron_jp.train --help-config 2>/dev/null | grep -q "^  cache_dir:"; then
   EXTRA=(--data.cache_dir "$SCRATCH/index_cache")
@@ -46,7 +46,8 @@ GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-${SOCKET_IFNAME:-$(ip -o -4 addr show 2
 export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-${SOCKET_IFNAME:-^lo,docker}}
 export NCCL_IB_DISABLE=${NCCL_IB_DISABLE:-0}
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
-export CUDA_DEVICE_MAX_CONNECTIONS=1
+# no CUDA_DEVICE_MAX_CONNECTIONS=1: it helps only tensor-parallel comm overlap (none here) and
+# serialises the data-parallel gradient sums with compute
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 export HF_HUB_OFFLINE=1
 
@@ -55,7 +56,7 @@ TRAIN=(torchrun --nnodes="$NNODES" --nproc-per-node="$GPUS_PER_NODE"
        -m megatron_jp.train --config "$CONFIG" "${EXTRA[@]}" "$@")
 # what the remote torchruns need of this environment (mpirun and qrsh start them afresh)
 PASS=(PATH LD_LIBRARY_PATH PYTHONPATH VIRTUAL_ENV MASTER_ADDR MASTER_PORT OMP_NUM_THREADS HF_HUB_OFFLINE
-      TRITON_CACHE_DIR TORCHINDUCTOR_CACHE_DIR CUDA_DEVICE_MAX_CONNECTIONS TORCH_NCCL_ASYNC_ERROR_HANDLING
+      TORCH_NCCL_ASYNC_ERROR_HANDLING
       $(compgen -e | grep -E '^(NCCL|GLOO|UCX)_' || true))
 
 echo "rendezvous: $MASTER_ADDR:$MASTER_PORT, $NNODES node(s) (${HOSTS[*]}) of job ${JOB_ID:-?}," \

@@ -29,7 +29,8 @@ def input_prefixes(items: list[str]) -> list[str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--input", nargs="+", required=True, help="shard prefixes or folders of shards")
     p.add_argument("--output-prefix", required=True)
     args = p.parse_args(argv)

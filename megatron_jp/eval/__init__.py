@@ -10,8 +10,10 @@
     embed.py           sentence embeddings, zero-shot STS, brute-force retrieval
     export_st.py       a sentence-transformers folder
     leaderboard.py     markdown + JSON tables across results, metric-vs-step plots
-    during_training.py masked-word accuracy at each validation (eval.intrinsic: true)
     records.py         input checks with FILE:LINE messages, atomic outputs
+
+(The masked-word accuracy the trainer logs at each validation, eval.intrinsic: true, is
+megatron_jp/training/probe.py: training sits below evaluation.)
 
 Every command writes OUT/predictions.jsonl (id, prediction, gold) and OUT/result.json, and its result
 is one JSON object {"task", "metrics", "model", "model_info", "config"}.

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_jp.eval import squad
+from megatron_jp.eval.heads import build_task_model
 from megatron_jp.eval.records import write_predictions, write_result
 from megatron_jp.eval.tasks import EPOCHS, LEARNING_RATES, Hyper, TaskSpec, task_metrics
 
@@ -166,7 +167,7 @@ def run_once(loaded, spec: TaskSpec, train_examples: list, valid_examples: list,
     valid_features = encode(spec, tokenizer, valid_examples, max_length)
     torch.manual_seed(hp.seed)  # the new head's initialisation, and dropout
     num_labels = 1 if spec.kind == "regression" else max(1, len(spec.labels))
-    model = loaded.task_model(spec.kind, num_labels)
+    model = build_task_model(loaded, spec.kind, num_labels).to(loaded.device)
     log(f"fine-tuning {model.description} on {len(train_examples)} examples: lr {hp.lr:g}, {hp.epochs} epochs, "
         f"seed {hp.seed}, max length {max_length}, batch {hp.batch_size}")
     train(model, spec, train_features, targets_of(spec, train_examples, train_features), hp,

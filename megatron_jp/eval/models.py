@@ -4,7 +4,7 @@
         m.tokenizer                  # a transformers fast tokenizer
         m.masked_lm()                # (input_ids, attention_mask) -> logits (B, S, V)
         m.backbone()                 # (input_ids, attention_mask, token_type_ids) -> hidden (B, S, H)
-        m.task_model(kind, n)        # a fine-tuning model (megatron_jp.eval.heads)
+        heads.build_task_model(m, kind, n)   # a fine-tuning model (megatron_jp.eval.heads)
 
 A checkpoint runs on our own Encoder for masked-LM scores and embeddings (the model its export
 computes, to float32 rounding: tests/unit/test_hf_parity.py; with sparse prediction for
@@ -87,12 +87,6 @@ class LoadedModel:
             special = {"pad": t.pad_token_id, "cls": t.cls_token_id, "sep": t.sep_token_id, "mask": t.mask_token_id}
             export_hf(state, cfg, self.folder, special)
         return self.folder
-
-    def task_model(self, kind: str, num_labels: int):
-        """A transformers task class where one exists for this model, else our head over the backbone."""
-        from megatron_jp.eval.heads import build_task_model
-
-        return build_task_model(self, kind, num_labels).to(self.device)
 
     @property
     def hidden_size(self) -> int:

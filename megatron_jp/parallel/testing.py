@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from megatron_jp.config import ModelConfig, OptimConfig
 from megatron_jp.models.encoder import IGNORE_INDEX, build_encoder
-from megatron_jp.training.optim import torch_adamw
+from megatron_jp.parallel.adamw import torch_adamw
 
 
 def synthetic_row(gen: torch.Generator, seq: int, vocab: int, mask_prob: float):
@@ -33,6 +33,21 @@ def synthetic_row(gen: torch.Generator, seq: int, vocab: int, mask_prob: float):
     predicted = (torch.rand(seq, generator=gen) < mask_prob) & (segment > 0)
     labels = torch.where(predicted, torch.randint(4, vocab, (seq,), generator=gen), IGNORE_INDEX)
     return ids, labels, segment, position
+
+
+def packed_segments(gen: torch.Generator, B: int, S: int, max_documents: int = 6) -> torch.Tensor:
+    """(B, S) segment ids as the loader packs rows: documents 1, 2, ... of random lengths filling
+    half to all of the row, then padding (0)."""
+    rows = []
+    for _ in range(B):
+        used = int(torch.randint(S // 2, S + 1, (1,), generator=gen))
+        n_cuts = int(torch.randint(0, max_documents, (1,), generator=gen))
+        cuts = sorted((torch.randperm(used - 1, generator=gen)[:n_cuts] + 1).tolist())
+        row = torch.zeros(S, dtype=torch.long)
+        for doc, (a, b) in enumerate(zip([0, *cuts], [*cuts, used]), start=1):
+            row[a:b] = doc
+        rows.append(row)
+    return torch.stack(rows)
 
 
 def synthetic_micro_batches(seed: int, count: int, batch: int, seq: int, vocab: int,

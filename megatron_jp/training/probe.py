@@ -19,10 +19,14 @@ import dataclasses
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from megatron_jp.config import ConfigError
 from megatron_jp.data.datasets import VALID
+from megatron_jp.data.loader import build_mlm_dataset
 from megatron_jp.data.masking import IGNORE_INDEX, Masker, row_randoms, select_units
+from megatron_jp.parallel.loss import vocab_parallel_argmax, vocab_parallel_cross_entropy
+from megatron_jp.parallel.pipeline import run_pipeline
 
 MASK_PROB = 0.15
 STREAM = 0x3A5C  # the masks' own random stream: independent of training and validation masks
@@ -30,8 +34,6 @@ STREAM = 0x3A5C  # the masks' own random stream: independent of training and val
 
 def build_dataset(cfg, tokenizer):
     """The validation documents with their word flags, or None when there are none."""
-    from megatron_jp.data.loader import build_mlm_dataset
-
     data = dataclasses.replace(cfg.data, whole_word_masking=True)
     try:
         return build_mlm_dataset(data, tokenizer, cfg.train.seed, VALID)
@@ -70,10 +72,6 @@ class MaskedWordProbe:
 
     @torch.no_grad()
     def __call__(self, model, dims) -> dict:
-        from megatron_jp.parallel.layers import vocab_parallel_argmax
-        from megatron_jp.parallel.pipeline import run_pipeline
-        from megatron_jp.parallel.step import token_losses
-
         if not self.batches:
             return {}
         was_training = model.training
@@ -82,17 +80,21 @@ class MaskedWordProbe:
                    for b in self._pipeline_multiple(dims)]
         # words right, words, tokens right, tokens, loss sum
         stats = torch.zeros(5, dtype=torch.float64, device=dims.device)
+        contexts = {}
 
         def forward_step(v, m, hidden):
-            output = model.forward_chunk(v, batches[m], hidden)
+            ctx = contexts.setdefault(m, model.attention_context(batches[m]))
+            output = model.forward_chunk(v, batches[m], ctx, hidden)
             if not model.is_last_chunk(v):
                 return output.hidden
-            right = vocab_parallel_argmax(output.logits, model.vocab_start, dims.tp_group) == output.targets
+            logits = F.linear(output.features, model.decoder.weight, model.decoder.bias)  # few rows: unchunked
+            right = vocab_parallel_argmax(logits, model.vocab_start, dims.tp_group) == output.targets
+            losses = vocab_parallel_cross_entropy(logits, output.targets, model.vocab_start, dims.tp_group)
             wrong = torch.zeros(batches[m]["words"], dtype=torch.float64, device=dims.device)
             wrong.index_add_(0, batches[m]["word_of"], (~right).double())
             stats.add_(torch.stack([(wrong == 0).sum().double(), wrong.new_tensor(float(len(wrong))),
                                     right.sum().double(), right.new_tensor(right.numel(), dtype=torch.float64),
-                                    token_losses(model, output).sum().double()]))
+                                    losses.sum().double()]))
             return None
 
         run_pipeline(model, batches, forward_step, train=False)

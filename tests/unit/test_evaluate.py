@@ -212,7 +212,7 @@ def test_masked_units_are_whole_unidic_words_covering_about_15_percent(intrinsic
 
 def test_intrinsic_pseudo_perplexity_equals_the_pseudo_perplexity_tool(intrinsic_runs, models, data, tool):
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
+    with contextlib.redirect_stdout(out), torch.enable_grad():  # the tool turns gradients off for its process
         tool("pseudo_perplexity")(["--checkpoint", str(models["checkpoint"]), "--input", str(data["docs"]),
                                    "--max-length", "64"])
     expected = json.loads(out.getvalue().splitlines()[-1])

@@ -92,4 +92,4 @@ def test_chunked_loss_never_holds_the_full_logits():
     print(f"peak over baseline: fused {fused / 2**20:.0f} MiB, unfused {unfused / 2**20:.0f} MiB "
           f"(full logits {logits_bytes / 2**20:.0f} MiB)")
     assert unfused >= 2 * logits_bytes  # logits, softmax and their gradient (at least two alive at once)
-    assert fused < logits_bytes / 4  # one 256-token chunk (16 MiB) plus the weight's gradient
+    assert fused < logits_bytes / 2  # one 256-token chunk (16 MiB), the weight's gradient, allocator slack

@@ -278,7 +278,8 @@ def test_leaderboard_tabulates_models_and_plots_a_run_against_its_steps(evaluate
     ckpt = tmp_path / "run" / "checkpoints"
     outputs = []
     for step, scale in ((10, 0.5), (20, 0.25)):  # two more points of "one run"
-        folder = save_model_checkpoint(ckpt, step, cfg, {k: v * scale if v.dim() > 1 else v for k, v in state.items()})
+        folder = save_model_checkpoint(ckpt, step, cfg, {k: v * scale if v.dim() > 1 else v for k, v in state.items()},
+                                       into_existing=True)
         outputs.append(tmp_path / f"sts-{step}")
         evaluate("sts", "--model", folder, "--input", data["jsts"], "--output", outputs[-1])
     result = evaluate("leaderboard", *outputs, sts_runs["bert"][1], "--output", tmp_path / "board.md")

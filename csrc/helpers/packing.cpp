@@ -28,16 +28,20 @@ Array to_array(const std::vector<int64_t>& v) {
 }
 
 // Documents back to back; a document continues in the next row when the current one is full.
-py::tuple pack_concat(const Array& lengths, int64_t seq_length) {
+// Streams: `room` is what the open row (carried from the previous call) has left; returns the pieces
+// (source position, start, size), `row_ends` (the number of pieces of this call emitted before each
+// row that closed during it) and the room left in the row that is still open. A zero-token document
+// becomes one empty piece when keep_empty, and vanishes otherwise.
+py::tuple pack_concat(const Array& lengths, int64_t seq_length, int64_t room, bool keep_empty) {
   auto len = lengths.unchecked<1>();
-  std::vector<int64_t> src, starts, sizes, row_ptr{0};
+  std::vector<int64_t> src, starts, sizes, row_ends;
   {
     py::gil_scoped_release release;
-    int64_t room = seq_length;
     for (py::ssize_t i = 0; i < len.shape(0); ++i) {
-      for (int64_t start = 0; start < len(i);) {
+      bool first = keep_empty && len(i) == 0;
+      for (int64_t start = 0; start < len(i) || first; first = false) {
         if (room < kMinRoom) {
-          row_ptr.push_back(static_cast<int64_t>(src.size()));
+          row_ends.push_back(static_cast<int64_t>(src.size()));
           room = seq_length;
         }
         const int64_t take = std::min(len(i) - start, room - 2);
@@ -48,9 +52,8 @@ py::tuple pack_concat(const Array& lengths, int64_t seq_length) {
         start += take;
       }
     }
-    if (static_cast<int64_t>(src.size()) > row_ptr.back()) row_ptr.push_back(static_cast<int64_t>(src.size()));
   }
-  return py::make_tuple(to_array(src), to_array(starts), to_array(sizes), to_array(row_ptr));
+  return py::make_tuple(to_array(src), to_array(starts), to_array(sizes), to_array(row_ends), room);
 }
 
 // Best-fit decreasing within consecutive windows: each piece, longest first (stable), goes to the
@@ -98,6 +101,7 @@ py::tuple pack_best_fit(const Array& sizes_in, int64_t seq_length, int64_t windo
 
 PYBIND11_MODULE(_helpers, m) {
   m.doc() = "CPU helpers of megatron_jp (packing loops); Python fallbacks in megatron_jp/data/packing.py";
-  m.def("pack_concat", &pack_concat, py::arg("lengths"), py::arg("seq_length"));
+  m.def("pack_concat", &pack_concat, py::arg("lengths"), py::arg("seq_length"), py::arg("room"),
+        py::arg("keep_empty"));
   m.def("pack_best_fit", &pack_best_fit, py::arg("sizes"), py::arg("seq_length"), py::arg("window"));
 }

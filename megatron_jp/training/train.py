@@ -30,6 +30,7 @@ import yaml
 from tqdm import tqdm
 
 from megatron_jp.config import Config, ConfigError, validate
+from megatron_jp.data.sources import DataError
 from megatron_jp.parallel import (ParallelDims, build_optimizer, build_parallel_model, eval_step,
                                   init_process_group, launch_env, train_step)
 from megatron_jp.training import schedules
@@ -92,7 +93,7 @@ def run(cfg: Config) -> int:
         trainer = Trainer(cfg, dims, loaders, curricula)
         trainer.fit()
         return 0
-    except (TrainingAborted, CheckpointError, ConfigError) as e:
+    except (TrainingAborted, CheckpointError, ConfigError, DataError) as e:
         return fail(e, rank, status=1)
     finally:
         if trainer is not None:
@@ -133,6 +134,8 @@ def prepare(cfg: Config, rank: int, world: int):
                                  global_batch_size=cfg.train.global_batch_size,
                                  mask_prob_at=curricula.mask_prob, seq_length_at=curricula.seq_length,
                                  valid_max_batches=cfg.eval.steps, step_of=curricula.batch.step_of)
+    if rank == 0:  # per source: documents, tokens, rows, epochs of this run
+        print(loaders[0].summary(cfg.train.steps, curricula.batch.consumed_at), flush=True)
     return loaders, curricula
 
 

@@ -134,6 +134,7 @@ class MLMDataset:
     def __init__(self, sources: list[PackedSource], weights, tokenizer, masker: Masker, seed: int, stream: int,
                  cache=None):
         self.sources, self.blend, self.masker = sources, BlendIndex(weights, cache=cache), masker
+        self.cache = cache
         self.weights = np.asarray(weights, dtype=np.float64)
         self.seed, self.stream = seed, stream
         self.cls_id, self.sep_id, self.pad_id = tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id

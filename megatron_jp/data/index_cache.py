@@ -17,7 +17,7 @@ refuses flock) two builders produce the same bytes and the second rename fails h
 
 Loading checks the manifest (format, full key), every array's file size and a CRC-32 of its first
 and last 64 KiB: a truncated, overwritten or foreign entry is reported and rebuilt, never used.
-A full CRC-32 of every array is in the manifest too (`verify(entry)`, `tools/build_index.py
+A full CRC-32 of every array is in the manifest too (`verify(path)`, `tools/build_index.py
 --verify`), since reading gigabytes at every start-up would defeat the purpose.
 """
 
@@ -127,6 +127,8 @@ class IndexCache:
     def __init__(self, root: str, log=None):
         self.root = root
         self.log = log or _to_stderr
+        self.built = self.mapped = 0  # entries this object built / found ready
+        self.build_seconds = 0.0
 
     def path_of(self, kind: str, key: dict) -> str:
         return os.path.join(self.root, f"{kind}-{digest(key)}")
@@ -148,6 +150,7 @@ class IndexCache:
         """Map the entry of (kind, key), building it first (once, under the lock) when needed."""
         entry = self.load(kind, key)
         if entry is not None:
+            self.mapped += 1
             return entry
         self._make_root()
         with _Lock(self.path_of(kind, key) + ".lock", self.log):
@@ -155,6 +158,9 @@ class IndexCache:
             if entry is None:
                 self._build(kind, key, build)
                 entry = self.load(kind, key)
+                self.built += 1
+            else:
+                self.mapped += 1
         if entry is None:
             raise CacheError(f"index cache: {self.path_of(kind, key)} was built but does not load back")
         return entry
@@ -183,6 +189,9 @@ class IndexCache:
                         "summary": summary, "built": {"host": socket.gethostname(), "pid": os.getpid(),
                                                       "seconds": round(time.perf_counter() - t0, 3)}}
             _write_json(os.path.join(tmp, "manifest.json"), manifest)
+            if os.path.isdir(final) and _check(final, key) is None:  # a builder without the lock was faster
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
             if os.path.isdir(final):  # damaged (load refused it): move it away first, then drop it
                 stale = f"{final}.stale-{os.getpid()}"
                 os.rename(final, stale)
@@ -191,7 +200,14 @@ class IndexCache:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        self.log(f"index cache: built {final} in {time.perf_counter() - t0:.1f} s")
+        seconds = time.perf_counter() - t0
+        self.build_seconds += seconds
+        if seconds >= 10:  # say so for the slow ones; the start-up summary counts the rest
+            self.log(f"index cache: built {final} in {seconds:.1f} s")
+
+    def describe(self) -> str:
+        return (f"index cache {self.root}: {self.built} entries built ({self.build_seconds:.1f} s), "
+                f"{self.mapped} mapped ready-made")
 
 
 def _publish(tmp: str, final: str) -> None:
@@ -244,12 +260,12 @@ def _check(path: str, key: dict) -> str | None:
     return None
 
 
-def verify(entry: Entry) -> list[str]:
-    """Full CRC-32 of every array against the manifest; the names of the arrays that differ."""
+def verify(path: str) -> list[str]:
+    """Full CRC-32 of every array of the entry at `path` against its manifest; the names that differ."""
     bad = []
-    for name, meta in entry.manifest["arrays"].items():
+    for name, meta in _read_manifest(path)["arrays"].items():
         crc = 0
-        with open(os.path.join(entry.path, name + ".bin"), "rb") as f:
+        with open(os.path.join(path, name + ".bin"), "rb") as f:
             while block := f.read(_BLOCK):
                 crc = zlib.crc32(block, crc)
         if crc != meta["crc32"]:

@@ -265,9 +265,9 @@ def _sources(paths: str, part: int | None, cfg, seed: int, stream: int, cache: I
     return sources, weights
 
 
-def build_mlm_dataset(cfg, tokenizer, seed: int, stream: int) -> MLMDataset | None:
+def build_mlm_dataset(cfg, tokenizer, seed: int, stream: int, cache: IndexCache | None = None) -> MLMDataset | None:
     """The train (stream TRAIN) or valid (stream VALID) MLMDataset of a DataConfig, or None if empty."""
-    cache, notes = IndexCache(cache_root(cfg)), []
+    cache, notes = cache or IndexCache(cache_root(cfg)), []
     tok_info = provenance.tokenizer_info(tokenizer)
     if stream == VALID and cfg.valid_paths:
         sources, weights = _sources(cfg.valid_paths, None, cfg, seed, stream, cache, tok_info, notes)
@@ -291,7 +291,8 @@ def build_data_loaders(data_cfg, tokenizer, *, micro_batch_size: int, dp_rank: i
     step_of(consumed_samples) -> optimizer step, for the curricula; the default, consumed //
     global_batch_size, is wrong under a batch-size ramp-up, which passes its own.
     """
-    train_set = build_mlm_dataset(data_cfg, tokenizer, seed, TRAIN)
+    cache = IndexCache(cache_root(data_cfg))
+    train_set = build_mlm_dataset(data_cfg, tokenizer, seed, TRAIN, cache)
     if train_set is None:
         raise ValueError(f"data.paths {data_cfg.paths!r} with split {data_cfg.split!r} leaves no training documents")
     train = TrainLoader(train_set, micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
@@ -299,7 +300,9 @@ def build_data_loaders(data_cfg, tokenizer, *, micro_batch_size: int, dp_rank: i
                         mask_prob_at=data_cfg.mask_prob if mask_prob_at is None else mask_prob_at,
                         seq_length_at=data_cfg.seq_length if seq_length_at is None else seq_length_at, seed=seed,
                         step_of=step_of)
-    valid_set = build_mlm_dataset(data_cfg, tokenizer, seed, VALID)
+    valid_set = build_mlm_dataset(data_cfg, tokenizer, seed, VALID, cache)
+    if valid_set is not None:
+        valid_set.prepare(data_cfg.seq_length)  # build (or map) its index now, not at the first evaluation
     valid = None if valid_set is None else ValidLoader(
         valid_set, micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
         seq_length=data_cfg.seq_length, mask_prob=data_cfg.mask_prob, max_batches=valid_max_batches)

@@ -11,7 +11,12 @@ Bad lines (invalid UTF-8, invalid JSON, not an object, missing key, non-string v
 a document over --max-document-bytes, a truncated .gz) stop the run with `file:line: reason`
 (`--on-error fail`, the default) or are counted by reason and skipped (`--on-error skip`). Shards
 are written under temporary names and renamed only when every input was read: a failed or killed
-run leaves no file that looks like a complete shard.
+run leaves no file that looks like a complete shard. Each shard gets its provenance sidecar
+`{prefix}.json` (megatron_jp.data.provenance), published after the shard, the old one removed first.
+
+`--slice I/N` processes slice I of N of the (expanded, ordered) input files: contiguous ranges of
+about equal bytes, so an array job's outputs merged in slice order (tools/merge_datasets.py) are
+byte for byte what one run over all files writes.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from megatron_jp.data import indexed
+from megatron_jp.data import indexed, provenance
 from megatron_jp.data.segment import SEGMENTERS, build_segmenter, text_chunks, word_start_flags
 from megatron_jp.data.tokenizers import TOKENIZER_TYPES, build_tokenizer
 
@@ -89,6 +94,9 @@ def parse_args(argv=None):
     g.add_argument("--max-document-bytes", type=int, default=16 << 20,
                    help="refuse longer JSONL lines with their reason (0: no limit; memory grows with it)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--slice", default="", metavar="I/N",
+                   help="process only slice I (0-based) of N of the input files: contiguous, about equal bytes "
+                        "(array jobs; merge the outputs in slice order with tools/merge_datasets.py)")
     return p.parse_args(argv)
 
 
@@ -102,6 +110,23 @@ def expand_inputs(patterns: list[str]) -> list[str]:
             raise FileNotFoundError(f"--input {pattern}: no such file" + ("" if matches else " (glob matched nothing)"))
         files += matches
     return files
+
+
+def select_slice(paths: list[str], spec: str) -> list[str]:
+    """The files of slice "I/N": file f belongs to slice floor(N * bytes before f / all bytes)."""
+    if not spec:
+        return paths
+    try:
+        index, count = (int(v) for v in spec.split("/"))
+    except ValueError:
+        raise ValueError(f"--slice {spec!r}: expected I/N, e.g. 3/64") from None
+    if not 0 <= index < count:
+        raise ValueError(f"--slice {spec!r}: I must lie in [0, N)")
+    sizes = np.array([os.path.getsize(p) for p in paths], dtype=np.int64)
+    before = np.cumsum(sizes) - sizes
+    total = int(sizes.sum())
+    slices = before * count // total if total else np.arange(len(paths)) * count // max(len(paths), 1)
+    return [p for p, s in zip(paths, slices.tolist()) if s == index]
 
 
 def output_prefix(prefix: str, key: str) -> str:
@@ -320,7 +345,7 @@ def _each(writers: dict):
     return [w for pair in writers.values() for w in pair if w is not None]
 
 
-def _write(writers, result: ChunkResult) -> int:
+def _write(writers, result: ChunkResult, empty: collections.Counter) -> int:
     n = 0
     for key, (parts, lengths, words) in result.tokens.items():
         tok_writer, word_writer = writers[key]
@@ -328,7 +353,32 @@ def _write(writers, result: ChunkResult) -> int:
         if word_writer is not None:
             word_writer.add_parts(words, lengths)
         n += int(lengths.sum())
+        empty[key] += int(np.count_nonzero(lengths == 0))
     return n
+
+
+def _sidecars(args, tokenizer, writers: dict, stats, empty, n_files: int) -> dict:
+    """key -> temporary sidecar path, written once every shard is finalized."""
+    out = {}
+    for key, (tok_writer, _) in writers.items():
+        counts = {"documents": tok_writer.n_docs, "tokens": tok_writer.n_tokens, "zero_token_documents": empty[key],
+                  "skipped": stats.skipped, "blank_lines": stats.blank_lines, "input_files": n_files,
+                  "text_bytes": stats.text_bytes}
+        record = provenance.shard_record(tokenizer, word_boundaries=args.word_boundaries, json_key=key,
+                                         append_eod=args.append_eod, dtype=tok_writer.dtype, counts=counts)
+        out[key] = provenance.write_sidecar(tok_writer.prefix, record, tok_writer.tag)
+    return out
+
+
+def _commit(writers: dict, sidecars: dict) -> None:
+    """Old sidecars go first and new ones come last, so a sidecar never describes another shard."""
+    for tok_writer, _ in writers.values():
+        if os.path.exists(provenance.sidecar_path(tok_writer.prefix)):
+            os.unlink(provenance.sidecar_path(tok_writer.prefix))
+    for w in _each(writers):
+        w.commit()
+    for key, tmp in sidecars.items():
+        os.replace(tmp, provenance.sidecar_path(writers[key][0].prefix))
 
 
 def _check_errors(result: ChunkResult, on_error: str) -> None:
@@ -346,40 +396,45 @@ def _progress(total: int, quiet: bool):
 
 def run(args) -> dict:
     """Preprocess per `args` (see parse_args); return the summary. Raises PreprocessError on bad input."""
-    paths = expand_inputs(args.input)
+    paths = select_slice(expand_inputs(args.input), args.slice)
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
     dtype = indexed.optimal_dtype(tokenizer.vocab_size)
     opts = {"keys": args.json_keys, "tokenizer_type": args.tokenizer_type, "tokenizer_model": args.tokenizer_model,
             "word_boundaries": args.word_boundaries, "append_eod": args.append_eod, "dtype": np.dtype(dtype).str}
     build_segmenter(args.word_boundaries)  # fail now, not in a worker, if the segmenter is missing
     stats, bar = Stats(), _progress(sum(os.path.getsize(p) for p in paths), args.quiet)
-    writers = {}
+    writers, sidecars, empty = {}, {}, collections.Counter()
     try:
         _make_writers(args, dtype, writers)  # inside try: a signal from here on cleans up
         for chunk, result in ordered_results(iter_chunks(paths, args.max_document_bytes), opts, args.workers):
             _check_errors(result, args.on_error)
-            stats.add(result, _write(writers, result))
+            stats.add(result, _write(writers, result, empty))
             bar.update(chunk.file_bytes)
             bar.set_postfix_str(stats.rates(), refresh=False)
         for w in _each(writers):
             w.finalize()
-        for w in _each(writers):  # only once every shard is complete
-            w.commit()
+        sidecars = _sidecars(args, tokenizer, writers, stats, empty, len(paths))
+        _commit(writers, sidecars)  # only once every shard is complete
     except BaseException:
         for w in _each(writers):
             w.abort()
+        for tmp in sidecars.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         raise
     finally:
         bar.close()
     summary = stats.summary()
+    summary["zero_token_documents"] = sum(empty.values())
     summary["outputs"] = [output_prefix(args.output_prefix, k) for k in args.json_keys]
     return summary
 
 
 def print_summary(summary: dict) -> None:
     skipped = ", ".join(f"{REASONS.get(k, k)}: {v}" for k, v in sorted(summary["skipped"].items())) or "none"
-    print(f"documents {summary['documents']:,} | tokens {summary['tokens']:,} | skipped {summary['skipped_total']:,} "
-          f"({skipped}) | blank lines {summary['blank_lines']:,} | {summary['seconds']:.1f} s", file=sys.stderr)
+    print(f"documents {summary['documents']:,} | tokens {summary['tokens']:,} | zero-token documents "
+          f"{summary['zero_token_documents']:,} | skipped {summary['skipped_total']:,} ({skipped}) | blank lines "
+          f"{summary['blank_lines']:,} | {summary['seconds']:.1f} s", file=sys.stderr)
     print(json.dumps(summary, ensure_ascii=False))
 
 

@@ -43,6 +43,8 @@ def blend_summary(mlm, stages: list[tuple[int, int]], total_steps: int) -> str:
         lines.append(f"  {mlm.weights[d]:7.3f} {realised[d]:8.3f} {first['documents']:12,} {first['empty_documents']:8,} "
                      f"{first['tokens']:16,} " + " ".join(f"{rows[s]:12,}" for s in lengths)
                      + f" {epochs:8.2f}  {src.prefix}")
+    if mlm.cache is not None:
+        lines.append("  " + mlm.cache.describe())
     lines += _notes(mlm)
     return "\n".join(lines)
 

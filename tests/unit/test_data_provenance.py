@@ -177,3 +177,31 @@ def test_four_slices_merged_are_byte_identical_to_one_run(tmp_path, tool):
         assert open(whole + suffix, "rb").read() == open(str(tmp_path / "merged") + suffix, "rb").read(), suffix
     assert provenance.read_sidecar(whole) == provenance.read_sidecar(str(tmp_path / "merged"))
     assert provenance.read_sidecar(whole)["skipped"] == {"invalid_json": 1}
+
+
+def test_array_job_scripts_write_the_bytes_of_one_job(tmp_path):
+    import subprocess
+    import sys
+
+    from test_data_helpers import ROOT
+
+    for i in range(5):
+        write_jsonl(tmp_path / f"in{i}.jsonl", documents(4 + 3 * i))
+    os.symlink(os.path.join(ROOT, "tools"), tmp_path / "tools")  # run where the scripts may write logs/
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+               TOKENIZER_TYPE="ByteTokenizer", WORD_BOUNDARIES="none", SLURM_CPUS_PER_TASK="1")
+    pattern, out = str(tmp_path / "in*.jsonl"), str(tmp_path / "corpus")
+
+    def sbatch(script, *args, **task):
+        run_env = dict(env, **{f"SLURM_ARRAY_TASK_{k}": str(v) for k, v in task.items()})
+        proc = subprocess.run(["bash", os.path.join(ROOT, "slurm", script), *args], cwd=tmp_path, env=run_env,
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+
+    sbatch("preprocess.sbatch", pattern, str(tmp_path / "whole"), "")
+    for task in range(3):
+        sbatch("preprocess.sbatch", pattern, out, "", ID=task, COUNT=3, MIN=0, MAX=2)
+    sbatch("merge_datasets.sbatch", out)
+    for suffix in (".bin", ".idx", ".json"):
+        assert (tmp_path / f"whole_text_document{suffix}").read_bytes() == \
+            (tmp_path / f"corpus_text_document{suffix}").read_bytes()

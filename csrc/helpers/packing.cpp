@@ -148,8 +148,11 @@ py::tuple pack_best_fit(const Array& sizes_in, int64_t seq_length, int64_t windo
 
 }  // namespace
 
+void register_words(py::module_& m);  // words.cpp
+
 PYBIND11_MODULE(_helpers, m) {
-  m.doc() = "CPU helpers of megatron_jp (packing loops); Python fallbacks in megatron_jp/data/packing.py";
+  m.doc() = "CPU helpers of megatron_jp (packing loops, word flags); Python fallbacks in megatron_jp/data/";
+  register_words(m);
   m.def("pack_concat", &pack_concat, py::arg("lengths"), py::arg("seq_length"), py::arg("room"),
         py::arg("keep_empty"));
   m.def("pack_best_fit", &pack_best_fit, py::arg("sizes"), py::arg("seq_length"), py::arg("window"));

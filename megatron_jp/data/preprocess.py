@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from megatron_jp.data import indexed, provenance
-from megatron_jp.data.segment import SEGMENTERS, build_segmenter, text_chunks, word_start_flags
+from megatron_jp.data.segment import SEGMENTERS, build_segmenter, segmenter_flags, text_chunks
 from megatron_jp.data.tokenizers import TOKENIZER_TYPES, build_tokenizer
 
 CHUNK_BYTES = 1 << 20
@@ -240,9 +240,8 @@ def _encode(text: str, dtype):
             ids.append(tok.encode(piece).astype(dtype, copy=False))
             continue
         piece_ids, starts, ends = tok.encode_with_offsets(piece)
-        m_starts, m_ends = seg.spans(piece)
         ids.append(piece_ids.astype(dtype, copy=False))
-        flags.append(word_start_flags(starts, ends, m_starts, m_ends, len(piece)))
+        flags.append(segmenter_flags(seg, piece, starts, ends))
     return ids, (flags if seg is not None else None)
 
 

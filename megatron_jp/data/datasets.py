@@ -139,7 +139,8 @@ class MLMDataset:
         self.seed, self.stream = seed, stream
         self.cls_id, self.sep_id, self.pad_id = tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id
         self.vocab_size = int(tokenizer.vocab_size)
-        self.notes: list[str] = []  # what the start-up summary should say (e.g. shards without a sidecar)
+        self.notes: list[str] = []  # what the start-up summary should say (e.g. a tokenizer mismatch allowed)
+        self.unchecked: list[str] = []  # shards without a provenance sidecar
 
     def num_rows(self, seq_length: int) -> int:
         return sum(s.index(seq_length).num_rows for s in self.sources)

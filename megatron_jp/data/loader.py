@@ -249,13 +249,16 @@ def cache_root(cfg) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(first)), "index-cache")
 
 
-def _sources(paths: str, part: int | None, cfg, seed: int, stream: int, cache: IndexCache, tok_info, notes):
+def _sources(paths: str, part: int | None, cfg, seed: int, stream: int, cache: IndexCache, tok_info, notes,
+             unchecked):
     """(sources, weights) of a blend; `part` picks the train or valid documents of each prefix."""
     sources, weights = [], []
     for d, (weight, prefix) in enumerate(parse_blend(paths)):
         shard = indexed.IndexedDataset(prefix)
         note = provenance.check_shard(prefix, shard, tok_info, getattr(cfg, "ignore_tokenizer_mismatch", False))
-        if note:
+        if note == provenance.NO_SIDECAR:
+            unchecked.append(prefix)
+        elif note:
             notes.append(note)
         doc_range = (0, len(shard)) if part is None else split_bounds(len(shard), cfg.split)[part]
         if doc_range[1] > doc_range[0]:
@@ -267,19 +270,32 @@ def _sources(paths: str, part: int | None, cfg, seed: int, stream: int, cache: I
 
 def build_mlm_dataset(cfg, tokenizer, seed: int, stream: int, cache: IndexCache | None = None) -> MLMDataset | None:
     """The train (stream TRAIN) or valid (stream VALID) MLMDataset of a DataConfig, or None if empty."""
-    cache, notes = cache or IndexCache(cache_root(cfg)), []
+    cache, notes, unchecked = cache or IndexCache(cache_root(cfg)), [], []
     tok_info = provenance.tokenizer_info(tokenizer)
     if stream == VALID and cfg.valid_paths:
-        sources, weights = _sources(cfg.valid_paths, None, cfg, seed, stream, cache, tok_info, notes)
+        sources, weights = _sources(cfg.valid_paths, None, cfg, seed, stream, cache, tok_info, notes, unchecked)
     else:
-        sources, weights = _sources(cfg.paths, stream, cfg, seed, stream, cache, tok_info, notes)
+        sources, weights = _sources(cfg.paths, stream, cfg, seed, stream, cache, tok_info, notes, unchecked)
     if not sources:
         return None
     masker = Masker(tokenizer.vocab_size, tokenizer.mask_id, tokenizer.special_ids, cfg.mask_token_prob,
                     cfg.random_token_prob, cfg.whole_word_masking)
     mlm = MLMDataset(sources, weights, tokenizer, masker, seed, stream, cache=cache)
     mlm.notes += notes
+    mlm.unchecked += unchecked
     return mlm
+
+
+def raise_open_file_limit(needed: int) -> None:
+    """Every memory map holds a file descriptor (shard .bin/.idx, word shard, 3 arrays per index):
+    a blend of hundreds of shards passes the common soft limit of 1024, so raise it toward the hard
+    limit (as far as needed, plus room for everything else)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = needed + 1024
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(want, hard), hard))
 
 
 def build_data_loaders(data_cfg, tokenizer, *, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int,
@@ -291,6 +307,9 @@ def build_data_loaders(data_cfg, tokenizer, *, micro_batch_size: int, dp_rank: i
     step_of(consumed_samples) -> optimizer step, for the curricula; the default, consumed //
     global_batch_size, is wrong under a batch-size ramp-up, which passes its own.
     """
+    n_stages = len(getattr(seq_length_at, "values", lambda: [None])())
+    n_sources = len(parse_blend(data_cfg.paths)) + (len(parse_blend(data_cfg.valid_paths)) if data_cfg.valid_paths else 0)
+    raise_open_file_limit(2 * n_sources * (4 + 3 * (n_stages + 1)))
     cache = IndexCache(cache_root(data_cfg))
     train_set = build_mlm_dataset(data_cfg, tokenizer, seed, TRAIN, cache)
     if train_set is None:

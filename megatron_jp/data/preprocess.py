@@ -43,6 +43,7 @@ from megatron_jp.data.tokenizers import TOKENIZER_TYPES, build_tokenizer
 CHUNK_BYTES = 1 << 20
 CHUNK_LINES = 4096
 LONG_TEXT_CHARS = 1 << 20  # longer texts are tokenized piecewise (at line breaks) to bound memory
+JOIN_LIMIT = 1 << 22  # ids of a chunk up to this many are sent back as one array
 REASONS = {
     "invalid_utf8": "invalid UTF-8", "invalid_json": "invalid JSON", "not_object": "not a JSON object",
     "missing_key": "missing key", "not_string": "non-string value", "empty_text": "empty text",
@@ -245,9 +246,14 @@ def _encode(text: str, dtype):
     return ids, (flags if seg is not None else None)
 
 
+def _joined(arrays: list) -> list:
+    """One array for a chunk of ordinary documents (one pickle, one write); a huge document's parts
+    stay apart, since joining would copy it once more."""
+    return [np.concatenate(arrays)] if 1 < len(arrays) and sum(map(len, arrays)) <= JOIN_LIMIT else arrays
+
+
 def _key_arrays(docs: list, opts: dict, eod: int):
-    """(id arrays, document lengths, flag arrays or None) of one key; arrays are not concatenated,
-    which would copy a huge document once more."""
+    """(id arrays, document lengths, flag arrays or None) of one key."""
     dtype = np.dtype(opts["dtype"])
     ids, lengths, flags = [], [], []
     for parts, part_flags in docs:
@@ -258,7 +264,8 @@ def _key_arrays(docs: list, opts: dict, eod: int):
         lengths.append(sum(len(p) for p in parts))
         if part_flags is not None:
             flags += part_flags
-    return ids, np.asarray(lengths, dtype=np.int64), (flags if opts["word_boundaries"] != "none" else None)
+    flags = _joined(flags) if opts["word_boundaries"] != "none" else None
+    return _joined(ids), np.asarray(lengths, dtype=np.int64), flags
 
 
 def process_chunk(chunk: Chunk) -> ChunkResult:

@@ -33,6 +33,9 @@ SUMMED = ("documents", "tokens", "zero_token_documents", "blank_lines", "input_f
 SAME = ("word_boundaries", "json_key", "append_eod", "dtype")
 
 
+NO_SIDECAR = "no provenance sidecar"
+
+
 class TokenizerMismatch(ShardFormatError):
     """A shard made with another tokenizer than the one configured."""
 
@@ -116,7 +119,7 @@ def check_shard(prefix: str, shard, expected: dict | None, allow_mismatch: bool)
     """Raise if the sidecar contradicts the shard or (unless allowed) the tokenizer; return a note or None."""
     record = read_sidecar(prefix)
     if record is None:
-        return f"{prefix}: no provenance sidecar ({sidecar_path(prefix)}); its tokenizer cannot be checked"
+        return NO_SIDECAR
     if record["documents"] != len(shard) or record["tokens"] != shard.n_tokens:
         raise ShardFormatError(f"{sidecar_path(prefix)} describes {record['documents']:,} documents and "
                                f"{record['tokens']:,} tokens, the shard holds {len(shard):,} and {shard.n_tokens:,}: "

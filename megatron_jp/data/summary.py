@@ -50,7 +50,10 @@ def blend_summary(mlm, stages: list[tuple[int, int]], total_steps: int) -> str:
 
 
 def _notes(mlm) -> list[str]:
-    notes = list(mlm.notes)
+    notes, unchecked = list(mlm.notes), mlm.unchecked
+    if unchecked:
+        notes.append(f"{len(unchecked)} of {len(mlm.sources)} shards have no provenance sidecar (e.g. {unchecked[0]}): "
+                     "their tokenizer is not checked (shards from Megatron-LM or an older megatron_jp)")
     for d, src in enumerate(mlm.sources):
         w, r = mlm.weights[d], mlm.blend.realized_weights[d]
         if w > 0 and abs(r - w) > 0.01 * w:

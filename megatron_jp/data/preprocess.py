@@ -315,9 +315,17 @@ def ordered_results(chunks, opts: dict, workers: int):
             yield done, res.get()
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the pool's workers, once joined)."""
+    import resource
+
+    return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+               for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+
+
 class Stats:
     def __init__(self):
-        self.start = time.time()
+        self.start, self.start_cpu = time.time(), _cpu_seconds()
         self.docs = self.tokens = self.text_bytes = self.blank_lines = 0
         self.skipped = collections.Counter()
 
@@ -335,7 +343,8 @@ class Stats:
     def summary(self) -> dict:
         return {"documents": self.docs, "tokens": self.tokens, "skipped": dict(self.skipped),
                 "skipped_total": sum(self.skipped.values()), "blank_lines": self.blank_lines,
-                "text_bytes": self.text_bytes, "seconds": round(time.time() - self.start, 3)}
+                "text_bytes": self.text_bytes, "seconds": round(time.time() - self.start, 3),
+                "cpu_seconds": round(_cpu_seconds() - self.start_cpu, 3)}
 
 
 def _make_writers(args, dtype, writers: dict) -> None:

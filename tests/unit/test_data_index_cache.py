@@ -233,3 +233,22 @@ def test_manifest_repeats_the_key_and_counts(tmp_path):
     manifest = json.loads((entry / "manifest.json").read_text())
     assert manifest["key"]["seq_length"] == 64 and manifest["key"]["shard"]["prefix"].endswith("/s")
     assert set(manifest["summary"]) >= {"documents", "empty_documents", "tokens", "rows", "pieces"}
+
+
+def test_build_index_tool_builds_what_training_then_maps(tmp_path, tool):
+    from megatron_jp.config import load_config
+    from megatron_jp.training.schedules import BatchSizeSchedule
+    from megatron_jp.data.loader import StagedSchedule
+
+    prefix = shard(tmp_path)
+    overrides = ["--model.preset", "tiny", "--data.paths", prefix, "--data.tokenizer_type", "ByteTokenizer",
+                 "--data.seq_length", "64", "--data.seq_length_stages", "0:32,10:64", "--train.steps", "20",
+                 "--data.num_workers", "0"]
+    assert tool("build_index")(overrides + ["--verify"]) == 0
+    cfg = load_config(None, overrides)
+    train, _ = build_data_loaders(cfg.data, TOK, micro_batch_size=cfg.train.micro_batch_size, dp_rank=0, dp_size=1,
+                                  seed=cfg.train.seed, global_batch_size=cfg.train.global_batch_size,
+                                  seq_length_at=StagedSchedule({0: 32, 10: 64}),
+                                  step_of=BatchSizeSchedule(None, cfg.train.global_batch_size).step_of)
+    next(train)
+    assert train.mlm.cache.built == 0 and train.mlm.cache.mapped == 3

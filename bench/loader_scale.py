@@ -139,17 +139,21 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if len(results) >= 2:
-        (n0, f0, c0, s0), (n1, f1, c1, s1) = results[0], results[-1]
-        per_m = lambda a, b: (b - a) / ((n1 - n0) / 1e6)  # noqa: E731
-        print(f"growth per million documents ({n0:,} -> {n1:,}): first start {per_m(f0['seconds'], f1['seconds']):.3f} s, "
-              f"first peak RSS {per_m(f0['rss_mb'], f1['rss_mb']):.2f} MB, cached start "
-              f"{per_m(c0['seconds'], c1['seconds']):.4f} s, cached peak RSS {per_m(c0['rss_mb'], c1['rss_mb']):.2f} MB, "
-              f"cache {per_m(s0, s1):.1f} MB")
-        scale = (1e9 - n1) / 1e6
-        print(f"extrapolated to 1,000,000,000 documents: first start ~{f1['seconds'] + scale * per_m(f0['seconds'], f1['seconds']):.0f} s, "
-              f"first peak RSS ~{f1['rss_mb'] + scale * per_m(f0['rss_mb'], f1['rss_mb']):.0f} MB, cached start "
-              f"~{c1['seconds'] + scale * per_m(c0['seconds'], c1['seconds']):.2f} s, cache ~{(s1 + scale * per_m(s0, s1)) / 1e3:.1f} GB")
+        report_growth(results)
 
+
+def report_growth(results) -> None:
+    """Growth per million documents between the smallest and largest size, and the 1B extrapolation."""
+    (n0, f0, c0, s0), (n1, f1, c1, s1) = results[0], results[-1]
+    growth = {"first s": (f0["seconds"], f1["seconds"]), "first MB": (f0["rss_mb"], f1["rss_mb"]),
+              "cached s": (c0["seconds"], c1["seconds"]), "cached MB": (c0["rss_mb"], c1["rss_mb"]),
+              "cache MB": (s0, s1)}
+    per_m = {k: (b - a) / ((n1 - n0) / 1e6) for k, (a, b) in growth.items()}
+    print(f"growth per million documents ({n0:,} -> {n1:,}): "
+          + ", ".join(f"{k} {v:+.4f}" for k, v in per_m.items()))
+    scale = (1e9 - n1) / 1e6
+    print("extrapolated linearly to 1,000,000,000 documents: "
+          + ", ".join(f"{k} {b + scale * per_m[k]:,.2f}" for k, (_, b) in growth.items()))
 
 if __name__ == "__main__":
     main()

@@ -128,13 +128,15 @@ def main() -> None:
             for words in ("none", "unidic-lite"):
                 for workers in args.workers:
                     s = run(args, corpus, os.path.join(tmp, f"out{workers}{words}"), workers, words)
-                    speed[words, workers] = best(speed.get((words, workers)), {
-                        "wall": mb / s["seconds"], "cpu": mb / s["cpu_seconds"], "tokens": s["tokens"] / s["seconds"]})
+                    figures = {"wall": mb / s["seconds"], "cpu": mb / s["cpu_seconds"],
+                               "tokens": s["tokens"] / s["seconds"]}
+                    speed[words, workers] = best(speed.get((words, workers)), figures)
         for name, label in (("tagger", "fugashi.Tagger()"), ("wakati", "GenericTagger -Owakati")):
-            print(f"MeCab alone, {label:22s}: {alone[name]['cpu']:6.2f} MB per CPU-second, {alone[name]['wall']:6.2f} MB/s")
+            print(f"MeCab alone, {label:22s}: {alone[name]['cpu']:6.2f} MB per CPU-second, "
+                  f"{alone[name]['wall']:6.2f} MB/s")
         for (words, workers), f in speed.items():
-            print(f"preprocess_data --workers {workers} --word-boundaries {words:11s}: {f['cpu']:6.2f} MB per CPU-second, "
-                  f"{f['wall']:6.2f} MB/s, {f['tokens'] / 1e6:5.2f} M tokens/s")
+            print(f"preprocess_data --workers {workers} --word-boundaries {words:11s}: {f['cpu']:6.2f} MB per "
+                  f"CPU-second, {f['wall']:6.2f} MB/s, {f['tokens'] / 1e6:5.2f} M tokens/s")
         one = speed["unidic-lite", args.workers[0]]
         print(f"word boundaries per core: {100 * one['cpu'] / alone['wakati']['cpu']:.0f}% of MeCab -Owakati alone, "
               f"{100 * one['cpu'] / alone['tagger']['cpu']:.0f}% of fugashi.Tagger() alone")

@@ -502,7 +502,8 @@ def validate_training(cfg: Config):
            and d.mask_token_prob + d.random_token_prob <= 1.0,
            "data.mask_token_prob + data.random_token_prob must lie in [0, 1] (80/10/10 is 0.8 and 0.1)")
     _check(d.seq_length >= 8, f"data.seq_length ({d.seq_length}) must be >= 8")
-    _check(not (d.cache_dir and Path(d.cache_dir).is_file()), f"data.cache_dir ({d.cache_dir}) is a file; name a folder")
+    _check(not (d.cache_dir and Path(d.cache_dir).is_file()),
+           f"data.cache_dir ({d.cache_dir}) is a file; name a folder")
     _check(cfg.model.position_embedding != "learned" or d.seq_length <= cfg.model.max_position_embeddings,
            f"data.seq_length ({d.seq_length}) exceeds model.max_position_embeddings "
            f"({cfg.model.max_position_embeddings}) of the learned position table")

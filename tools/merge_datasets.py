@@ -7,7 +7,8 @@
 --input takes shard prefixes or folders (every *.idx inside, sorted by name, word shards excluded).
 Documents keep their order, so the slices of `preprocess_data.py --slice I/N` merged in slice order
 give the bytes of one run over all files. Sidecars (`{prefix}.json`) must agree on the tokenizer
-(--allow-tokenizer-mismatch overrides) and on the word boundaries; the merged one sums the counts.
+(--allow-tokenizer-mismatch overrides); the merged one sums the counts and lists differing word
+boundaries, keys or EOD settings.
 """
 
 import argparse
@@ -55,6 +56,7 @@ def merge(prefixes: list[str], out: str, allow_mismatch: bool = False) -> tuple[
     elif any(with_words):
         warnings.append("only some inputs have word-flag shards; merged tokens only")
     if record is not None:
+        record["word_boundaries"] = record["word_boundaries"] if all(with_words) else "none"
         tag = f".tmp{os.getpid()}"
         os.replace(provenance.write_sidecar(out, record, tag), provenance.sidecar_path(out))
     return merged, warnings

@@ -21,6 +21,7 @@ namespace py = pybind11;
 namespace {
 
 using Offsets = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+using Ids = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
 
 bool skipped_by_mecab(char32_t c) { return c == U' ' || c == U'\t' || c == U'\n' || c == U'\v'; }
 
@@ -99,8 +100,7 @@ py::object wakati_word_flags(const std::u32string& text, const std::u32string& p
 // Character spans, in the normalized text, of consecutive pieces of the given UTF-8 byte lengths
 // (SentencePieceTokenizer._offsets_from_pieces has the numpy version and the rules). None when the
 // lengths do not add up to the text or a piece has no known length (-1).
-py::object piece_spans(const py::bytes& normalized, const py::array_t<int32_t, py::array::c_style | py::array::forcecast>& ids,
-                       const Offsets& piece_bytes) {
+py::object piece_spans(const py::bytes& normalized, const Ids& ids, const Offsets& piece_bytes) {
   const std::string raw = normalized;
   auto id = ids.unchecked<1>();
   auto table = piece_bytes.unchecked<1>();
@@ -118,7 +118,8 @@ py::object piece_spans(const py::bytes& normalized, const py::array_t<int32_t, p
     if (len < 0 || pos + len > static_cast<int64_t>(raw.size())) return py::none();
     // a position inside a character belongs to that character: chars - 1 if it is a continuation byte
     auto char_at = [&](int64_t p) {
-      const bool inside = p < static_cast<int64_t>(raw.size()) && (static_cast<uint8_t>(raw[static_cast<size_t>(p)]) & 0xC0) == 0x80;
+      const bool inside = p < static_cast<int64_t>(raw.size()) &&
+                          (static_cast<uint8_t>(raw[static_cast<size_t>(p)]) & 0xC0) == 0x80;
       return inside ? chars - 1 : chars;
     };
     advance_to(pos);
@@ -136,8 +137,8 @@ py::object piece_spans(const py::bytes& normalized, const py::array_t<int32_t, p
 // offsets without calling its normalizer. None as soon as a piece differs from the text: the
 // caller then maps through the normalizer's offsets. Pieces are `blob[start[i]:start[i + 1]]`
 // (byte pieces: their one byte), `known[i]` is false for unknown and control pieces.
-py::object text_piece_spans(const py::bytes& text, const py::array_t<int32_t, py::array::c_style | py::array::forcecast>& ids,
-                            const py::array_t<uint8_t, py::array::c_style>& blob, const Offsets& start,
+py::object text_piece_spans(const py::bytes& text, const Ids& ids, const py::array_t<uint8_t, py::array::c_style>& blob,
+                            const Offsets& start,
                             const py::array_t<bool, py::array::c_style>& known) {
   const auto* raw = reinterpret_cast<const uint8_t*>(PyBytes_AS_STRING(text.ptr()));
   const int64_t n = PyBytes_GET_SIZE(text.ptr());

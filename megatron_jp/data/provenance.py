@@ -30,7 +30,7 @@ from megatron_jp.data.indexed import ShardFormatError
 FORMAT = 1
 SPECIALS = ("cls", "sep", "mask", "pad", "unk", "eod")
 SUMMED = ("documents", "tokens", "zero_token_documents", "blank_lines", "input_files", "text_bytes")
-SAME = ("word_boundaries", "json_key", "append_eod", "dtype")
+DESCRIPTIVE = ("word_boundaries", "json_key", "append_eod")  # merged shards may differ: the merge lists them
 
 
 NO_SIDECAR = "no provenance sidecar"
@@ -136,12 +136,12 @@ def check_shard(prefix: str, shard, expected: dict | None, allow_mismatch: bool)
 
 
 def merge_records(prefixes: list[str], records: list[dict], allow_mismatch: bool = False) -> dict:
-    """The sidecar of the concatenation of shards: counts summed; tokenizer and format fields must agree."""
+    """The sidecar of the concatenation of shards: counts summed; the tokenizer must agree (unless
+    allowed); word boundaries, key and EOD that differ become the sorted list of their values."""
     first = records[0]
     for prefix, record in zip(prefixes[1:], records[1:]):
-        differ = [k for k in SAME if record.get(k) != first.get(k)]
-        if differ:
-            raise ShardFormatError(f"{prefix} differs from {prefixes[0]} in {', '.join(differ)}: "
+        if record.get("dtype") != first.get("dtype"):
+            raise ShardFormatError(f"{prefix} holds {record.get('dtype')} ids, {prefixes[0]} {first.get('dtype')}: "
                                    "such shards cannot be merged")
         bad = tokenizer_differences(record["tokenizer"] or {}, first["tokenizer"] or {})
         if bad and not allow_mismatch:
@@ -150,6 +150,9 @@ def merge_records(prefixes: list[str], records: list[dict], allow_mismatch: bool
                                     "tokenizer, or pass --allow-tokenizer-mismatch")
     merged = dict(first)
     merged["megatron_jp"] = megatron_jp.__version__
+    for key in DESCRIPTIVE:
+        values = sorted({json.dumps(r.get(key)) for r in records})
+        merged[key] = first.get(key) if len(values) == 1 else [json.loads(v) for v in values]
     for key in SUMMED:
         merged[key] = sum(int(r.get(key, 0)) for r in records)
     skipped = collections.Counter()

@@ -19,9 +19,9 @@ import time
 import torch
 from transformers import AutoModelForMaskedLM
 
+from megatron_jp.config import preset
 from megatron_jp.models.encoder import build_encoder, masked_lm_loss
 from megatron_jp.models.hf import export_hf
-from megatron_jp.models.presets import preset
 
 ARCHS = {"llama": "tiny", "modernbert": "tiny-modernbert"}
 

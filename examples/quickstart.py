@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_jp.config import ConfigError, load_config
+from megatron_jp.config import ConfigError, load_config, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "examples" / "quickstart.yaml"
@@ -146,8 +146,8 @@ def initial_model(cfg, paths: Paths) -> dict:
     from megatron_jp.data.loader import ValidLoader, build_mlm_dataset
     from megatron_jp.data.tokenizers import build_tokenizer
     from megatron_jp.models.encoder import build_encoder, masked_lm_loss
-    from megatron_jp.train import resolve_vocab
     from megatron_jp.training.checkpoint import save_model_checkpoint
+    from megatron_jp.training.startup import resolve_vocab
 
     resolve_vocab(cfg)  # model.vocab_size from the tokenizer, as the trainer does
     model = build_encoder(cfg.model, seed=cfg.train.seed).eval()
@@ -348,6 +348,7 @@ def main(argv=None) -> int:
     overrides = trainer_overrides(paths, args.steps, extra)
     try:
         cfg = load_config(str(CONFIG), overrides)  # a bad --section.key fails now, not after minutes
+        validate(cfg, world_size=1)
     except ConfigError as e:
         sys.exit(f"quickstart: {e}")
     clear_outputs(paths.workdir)

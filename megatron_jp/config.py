@@ -1,8 +1,18 @@
 """Typed run configuration: nested dataclasses, YAML files, dotted command-line overrides, validation.
 
 Resolution order, later wins: dataclass defaults < the model preset < the YAML file < `--section.key
-VALUE` overrides. Every field carries a docstring under it; `describe()` prints them. Validation runs
-before any process group or tensor exists and raises `ConfigError` naming the key and the fix.
+VALUE` overrides. Every field carries a docstring under it; `describe()` prints them.
+
+Two kinds of checks, both naming the key and the fix (ConfigError):
+- a field on its own, from its type (config_fields.py): choices are `Literal[...]`, numbers carry a
+  `Range` (`Positive`, `Probability`, ...), curricula strings are parsed into `Stages` / `RampUp`.
+  Run when a config is built from YAML or the command line, and again by `validate`;
+- the fields together (heads vs hidden size, layers vs pipeline stages, batch vs data-parallel
+  size...): `validate(cfg, world_size)`, run once per run at the boundary (the CLI, after the
+  vocabulary is resolved), before any process group or allocation. Builders take validated values.
+
+This module is the bottom layer of megatron_jp: it imports nothing of the package but its field types
+and the presets, which are plain dicts.
 """
 
 from __future__ import annotations
@@ -15,12 +25,19 @@ import textwrap
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
+# the field types: the sections' annotations below are resolved in this module's namespace
+from megatron_jp.config_fields import (GLU_ACTIVATIONS, Activation, Beta, ConfigError, DropoutRate,  # noqa: F401
+                                       NonNegative, NonNegativeFloat, OpenUnit, Positive, PositiveFloat,
+                                       Probability, RampUp, Range, SeqLength, Stages, check_fields, coerce,
+                                       section_fields)
+from megatron_jp.models.presets import PRESETS
 
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the key and what to do."""
+
+# ----------------------------------------------------------------------------- sections
 
 
 @dataclass
@@ -29,31 +46,31 @@ class ModelConfig:
 
     preset: str = ""
     """Name of a preset (megatron_jp.models.presets); fields set next to it override the preset."""
-    vocab_size: int = 0
+    vocab_size: NonNegative = 0
     """Rows of the embedding. 0: the tokenizer's size, padded to make_vocab_size_divisible_by x tensor."""
-    make_vocab_size_divisible_by: int = 128
+    make_vocab_size_divisible_by: Positive = 128
     """Padding multiple for a vocabulary taken from the tokenizer (fast matmuls, even TP shards)."""
-    hidden_size: int = 64
+    hidden_size: Positive = 64
     """Width of the residual stream."""
-    num_layers: int = 4
+    num_layers: Positive = 4
     """Number of transformer blocks."""
-    num_heads: int = 4
+    num_heads: Positive = 4
     """Query heads per attention layer."""
-    num_kv_heads: int = 0
+    num_kv_heads: NonNegative = 0
     """Key/value heads (GQA). 0: same as num_heads (multi-head attention)."""
-    head_dim: int = 0
+    head_dim: NonNegative = 0
     """Size of each head. 0: hidden_size // num_heads."""
-    ffn_hidden_size: int = 128
+    ffn_hidden_size: Positive = 128
     """Inner width of the MLP (of each half, for gated activations)."""
-    activation: str = "swiglu"
+    activation: Activation = "swiglu"
     """MLP activation: gelu (exact erf, ungated), swiglu, geglu (exact erf) or geglu_tanh."""
-    norm: str = "rmsnorm"
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
     """Normalisation: rmsnorm or layernorm."""
     norm_bias: bool = False
     """Whether LayerNorms have a bias (BERT: yes, ModernBERT: no). Ignored for rmsnorm."""
-    norm_eps: float = 1e-5
+    norm_eps: PositiveFloat = 1e-5
     """Epsilon of every norm."""
-    norm_position: str = "pre"
+    norm_position: Literal["pre", "post"] = "pre"
     """pre: x + f(norm(x)) (Llama, ModernBERT); post: norm(x + f(x)) (classic BERT)."""
     embedding_norm: bool = False
     """Normalise the embedding output (BERT, ModernBERT)."""
@@ -67,37 +84,38 @@ class ModelConfig:
     """Bias on the attention output projection."""
     mlp_bias: bool = False
     """Biases on the MLP projections."""
-    position_embedding: str = "rope"
+    position_embedding: Literal["rope", "learned"] = "rope"
     """rope (rotary, rotate-half) or learned (absolute position table)."""
-    max_position_embeddings: int = 8192
+    max_position_embeddings: Positive = 8192
     """Longest sequence; the size of the learned position table."""
-    type_vocab_size: int = 0
+    type_vocab_size: NonNegative = 0
     """Token-type (segment A/B) embeddings; 0 for none, 2 for BERT."""
-    rope_theta: float = 10000.0
+    rope_theta: PositiveFloat = 10000.0
     """RoPE base of global-attention layers."""
-    local_rope_theta: float = 0.0
+    local_rope_theta: NonNegativeFloat = 0.0
     """RoPE base of sliding-window layers. 0: same as rope_theta."""
-    sliding_window: int = 0
+    sliding_window: NonNegative = 0
     """Total window of local layers (128 = +-64 tokens). 0: every layer attends globally."""
-    global_attn_every_n_layers: int = 1
+    global_attn_every_n_layers: Positive = 1
     """Layer i is global when i % n == 0, else local (ModernBERT: 3). 1: all global."""
-    head_type: str = "linear"
+    head_type: Literal["linear", "transform"] = "linear"
     """MLM head: linear (decoder only, EuroBERT) or transform (dense -> act -> norm -> decoder)."""
-    head_activation: str = "gelu"
-    """Activation inside a transform head (exact erf GELU)."""
+    head_activation: Literal["gelu", "gelu_tanh"] = "gelu"
+    """Activation inside a transform head: gelu (exact erf) or gelu_tanh (tanh approximation)."""
     head_bias: bool = True
     """Bias on the transform head's dense layer."""
     decoder_bias: bool = True
     """Bias on the vocabulary projection."""
     tie_embeddings: bool = True
     """Share the decoder weight with the token embedding."""
-    hidden_dropout: float = 0.0
+    hidden_dropout: DropoutRate = 0.0
     """Dropout on embeddings and block outputs."""
-    attention_dropout: float = 0.0
-    """Dropout on attention probabilities."""
-    init_std: float = 0.02
+    attention_dropout: DropoutRate = 0.0
+    """Dropout on attention probabilities (the sdpa backend; flex_attention has none, so a run with
+    attention dropout uses sdpa)."""
+    init_std: PositiveFloat = 0.02
     """Std of the normal initialisation; output projections use init_std / sqrt(2 * num_layers)."""
-    attention_backend: str = "auto"
+    attention_backend: Literal["auto", "sdpa", "flex"] = "auto"
     """sdpa (dense boolean masks), flex (block-sparse masks; CUDA training) or auto: flex on CUDA when
     windows or packed documents make the mask sparse, sdpa otherwise."""
 
@@ -111,7 +129,7 @@ class ModelConfig:
 
     @property
     def gated(self) -> bool:
-        return self.activation in ("swiglu", "geglu", "geglu_tanh")
+        return self.activation != "gelu"  # every other activation is a GLU
 
     def is_global_layer(self, layer: int) -> bool:
         return self.sliding_window == 0 or layer % self.global_attn_every_n_layers == 0
@@ -132,28 +150,29 @@ class DataConfig:
     """Blend for validation. Empty: split off from `paths` by `split`."""
     split: str = "98,2"
     """Train,valid weights used to split `paths` when valid_paths is empty."""
-    tokenizer_type: str = "SentencePieceTokenizer"
+    tokenizer_type: Literal["SentencePieceTokenizer", "HuggingFaceTokenizer", "ByteTokenizer"] = \
+        "SentencePieceTokenizer"
     """SentencePieceTokenizer, HuggingFaceTokenizer or ByteTokenizer."""
     tokenizer_model: str = ""
     """Path of the .model file or tokenizer folder (unused for ByteTokenizer)."""
-    seq_length: int = 512
+    seq_length: SeqLength = 512
     """Tokens per row, CLS and SEP included."""
-    packing: str = "best_fit"
+    packing: Literal["none", "concat", "best_fit"] = "best_fit"
     """none (one document per row, padded), concat (back to back) or best_fit (minimal padding)."""
-    mask_prob: float = 0.15
+    mask_prob: OpenUnit = 0.15
     """Fraction of tokens selected for prediction."""
-    mask_token_prob: float = 0.8
+    mask_token_prob: Probability = 0.8
     """Of the selected tokens, the fraction replaced by the mask token."""
-    random_token_prob: float = 0.1
+    random_token_prob: Probability = 0.1
     """Of the selected tokens, the fraction replaced by a random token (the rest stay unchanged)."""
     whole_word_masking: bool = False
     """Select whole words (from the _words shard written by preprocess_data --word-boundaries)."""
-    seq_length_stages: str = ""
+    seq_length_stages: Stages = Stages()
     """Sequence-length curriculum "STEP:LENGTH,...", e.g. "0:128,31000:256,250000:512" (RetrievaBERT).
     Empty: seq_length throughout."""
-    mask_prob_stages: str = ""
+    mask_prob_stages: Stages = Stages()
     """Mask-rate curriculum "STEP:RATE,...", e.g. "0:0.5,200000:0.3" (byBERT). Empty: mask_prob."""
-    num_workers: int = 1
+    num_workers: NonNegative = 1
     """DataLoader worker processes per rank."""
     cache_dir: str = ""
     """Folder of the sample indices (packed rows, blend table), built once and memory-mapped by every
@@ -170,22 +189,22 @@ class DataConfig:
 class TrainConfig:
     """Length and shape of training."""
 
-    steps: int = 100
+    steps: Positive = 100
     """Optimizer steps."""
-    global_batch_size: int = 8
+    global_batch_size: Positive = 8
     """Sequences per optimizer step over all data-parallel ranks."""
-    micro_batch_size: int = 4
+    micro_batch_size: Positive = 4
     """Sequences per forward pass on one rank; the rest is gradient accumulation."""
-    seed: int = 1234
+    seed: NonNegative = 1234
     """Seeds initialisation, masking and data order."""
-    precision: str = "fp32"
+    precision: Literal["fp32", "bf16"] = "fp32"
     """fp32, or bf16 (bf16 weights/activations, fp32 master weights and gradient accumulation)."""
-    recompute: str = "none"
+    recompute: Literal["none", "selective", "full"] = "none"
     """Activation recomputation: none, selective (core attention) or full (whole blocks)."""
-    rampup_batch_size: str = ""
+    rampup_batch_size: RampUp | None = None
     """Global batch-size ramp-up "START INCREMENT STEPS": from START, growing by INCREMENT in equal
     stages until global_batch_size is reached at step STEPS. Empty: no ramp-up."""
-    max_skipped_steps: int = 5
+    max_skipped_steps: Positive = 5
     """A step whose loss or gradient norm is NaN/inf is skipped (no update) and counted; this many
     skipped in a row abort the run."""
 
@@ -194,25 +213,25 @@ class TrainConfig:
 class OptimConfig:
     """AdamW and its learning-rate schedule."""
 
-    lr: float = 1e-3
+    lr: PositiveFloat = 1e-3
     """Peak learning rate."""
-    min_lr: float = 0.0
+    min_lr: NonNegativeFloat = 0.0
     """Floor of the decay."""
-    schedule: str = "cosine"
+    schedule: Literal["linear", "cosine", "constant", "wsd"] = "cosine"
     """linear, cosine, constant or wsd (warmup-stable-decay with 1-sqrt decay)."""
-    warmup_steps: int = 0
+    warmup_steps: NonNegative = 0
     """Linear warmup from 0 to lr."""
-    decay_steps: int = 0
+    decay_steps: NonNegative = 0
     """wsd only: length of the final decay. 0: 10% of train.steps."""
-    weight_decay: float = 0.01
+    weight_decay: NonNegativeFloat = 0.01
     """AdamW decoupled weight decay (never on norms and biases)."""
-    clip_grad: float = 1.0
+    clip_grad: NonNegativeFloat = 1.0
     """Global gradient-norm clip; 0 disables."""
-    beta1: float = 0.9
+    beta1: Beta = 0.9
     """Adam beta1."""
-    beta2: float = 0.98
+    beta2: Beta = 0.98
     """Adam beta2."""
-    eps: float = 1e-6
+    eps: PositiveFloat = 1e-6
     """Adam epsilon."""
 
 
@@ -220,13 +239,13 @@ class OptimConfig:
 class ParallelConfig:
     """How ranks are split: world = pipeline x data x tensor."""
 
-    tensor: int = 1
+    tensor: Positive = 1
     """Tensor-parallel size (heads, MLP and vocabulary sharded)."""
-    pipeline: int = 1
+    pipeline: Positive = 1
     """Pipeline-parallel stages."""
-    virtual_pipeline: int = 1
+    virtual_pipeline: Positive = 1
     """Model chunks per pipeline rank (interleaved 1F1B when > 1)."""
-    data: int = 0
+    data: NonNegative = 0
     """Data-parallel size. 0: world size / (tensor x pipeline)."""
     sequence_parallel: bool = False
     """Shard norm/dropout regions over the sequence within a tensor-parallel group."""
@@ -240,9 +259,9 @@ class CheckpointConfig:
 
     dir: str = ""
     """Checkpoint directory (iter_XXXXXXX/ folders and `latest`). Empty: RUN_DIR/checkpoints."""
-    interval: int = 0
+    interval: NonNegative = 0
     """Save every N steps (and at the end); 0: only at the end."""
-    keep: int = 2
+    keep: NonNegative = 2
     """Keep the last N checkpoints; 0 keeps all."""
     load: str = ""
     """Start a new phase from this checkpoint (a CKPT_DIR or an iter_* folder) when dir holds no
@@ -268,7 +287,7 @@ class RunConfig:
 class LogConfig:
     """Console and metrics logging."""
 
-    interval: int = 10
+    interval: Positive = 10
     """Log every N steps."""
 
 
@@ -276,9 +295,9 @@ class LogConfig:
 class EvalConfig:
     """Periodic validation."""
 
-    interval: int = 0
+    interval: NonNegative = 0
     """Validate every N steps; 0 disables."""
-    steps: int = 10
+    steps: Positive = 10
     """Micro-batches per validation."""
 
 
@@ -297,47 +316,17 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain nested dicts, as written to config.yaml (curricula as their strings)."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
-
-# ----------------------------------------------------------------------------- building from dicts
 
 
 def _section_class(name: str):
     return typing.get_type_hints(Config)[name]
 
-
-def _coerce(value, typ, key: str, source: str):
-    """Turn a YAML or command-line value into the field's type, or explain why it can't be."""
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-    elif typ is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                pass
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif typ is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif typ is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    raise ConfigError(f"{source}: {key} = {value!r} is not a valid {typ.__name__}")
+# ----------------------------------------------------------------------------- building from dicts
 
 
 def _unknown_key(key: str, valid, source: str) -> ConfigError:
@@ -347,19 +336,33 @@ def _unknown_key(key: str, valid, source: str) -> ConfigError:
 
 
 def _build_section(cls, values: dict, section: str, source: str):
-    hints = typing.get_type_hints(cls)
+    fields = section_fields(cls)
     kwargs = {}
     for key, value in values.items():
-        if key not in hints:
-            raise _unknown_key(f"{section}.{key}", [f"{section}.{k}" for k in hints], source)
-        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}", source)
+        if key not in fields:
+            raise _unknown_key(f"{section}.{key}", [f"{section}.{k}" for k in fields], source)
+        try:
+            kwargs[key] = coerce(value, fields[key], f"{section}.{key}")
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
     return cls(**kwargs)
 
 
-def config_from_dict(raw: dict, source: str = "config") -> Config:
-    """Build a Config from nested dicts (as parsed from YAML), applying the model preset."""
-    from megatron_jp.models.presets import preset_fields  # presets import this module
+def preset_fields(name: str, source: str = "config") -> dict:
+    """The ModelConfig fields of a preset (megatron_jp.models.presets)."""
+    if name not in PRESETS:
+        raise ConfigError(f"{source}: model.preset {name!r} is unknown; choose one of {', '.join(PRESETS)}")
+    return {"preset": name, **PRESETS[name]}
 
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """The ModelConfig of a preset, with field overrides."""
+    return ModelConfig(**{**preset_fields(name), **overrides})
+
+
+def config_from_dict(raw: dict, source: str = "config") -> Config:
+    """Build a Config from nested dicts (as parsed from YAML), applying the model preset; every field
+    is checked on its own (types, choices, ranges)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
     sections = {}
@@ -399,7 +402,8 @@ def parse_overrides(args: list[str]) -> dict:
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML file (safe_load), apply command-line overrides, validate what needs no world size."""
+    """Read a YAML file (safe_load) and apply command-line overrides. Each field is checked on its
+    own; `validate` checks them together once the world size and vocabulary are known."""
     raw: dict = {}
     source = "command line"
     if path:
@@ -417,9 +421,11 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{source}: section {section!r} must be a mapping")
         raw.setdefault(section, {})
         raw[section] = {**(raw[section] or {}), **values}
-    cfg = config_from_dict(raw, source)
-    validate(cfg)
-    return cfg
+    return config_from_dict(raw, source)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -430,19 +436,19 @@ def _check(ok: bool, message: str):
         raise ConfigError(message)
 
 
-def _choice(value: str, key: str, choices):
-    _check(value in choices, f"{key} = {value!r}; choose one of {', '.join(choices)}")
+def validate(cfg: Config, world_size: int):
+    """Everything that can be refused before a process group exists, for `world_size` ranks."""
+    for name in SECTIONS:
+        check_fields(getattr(cfg, name), name)
+    p = cfg.parallel
+    _check(p.virtual_pipeline == 1 or p.pipeline > 1, "parallel.virtual_pipeline > 1 needs parallel.pipeline > 1")
+    validate_model(cfg.model, p.tensor, p.pipeline * p.virtual_pipeline)
+    validate_training(cfg)
+    validate_layout(cfg, world_size)
 
 
-def validate_model(m: ModelConfig, tensor: int = 1, pipeline: int = 1, virtual: int = 1):
-    _choice(m.activation, "model.activation", ("gelu", "swiglu", "geglu", "geglu_tanh"))
-    _choice(m.norm, "model.norm", ("rmsnorm", "layernorm"))
-    _choice(m.norm_position, "model.norm_position", ("pre", "post"))
-    _choice(m.position_embedding, "model.position_embedding", ("rope", "learned"))
-    _choice(m.head_type, "model.head_type", ("linear", "transform"))
-    _choice(m.attention_backend, "model.attention_backend", ("auto", "sdpa", "flex"))
-    for key in ("hidden_size", "num_layers", "num_heads", "ffn_hidden_size", "max_position_embeddings"):
-        _check(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
+def validate_model(m: ModelConfig, tensor: int = 1, chunks: int = 1):
+    """The model's fields together, and against `tensor`-way sharding and `chunks` pipeline chunks."""
     _check(m.head_dim > 0 or m.hidden_size % m.num_heads == 0,
            f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads}); "
            f"change one of them or set model.head_dim explicitly")
@@ -450,19 +456,14 @@ def validate_model(m: ModelConfig, tensor: int = 1, pipeline: int = 1, virtual: 
            f"model.num_heads ({m.num_heads}) must be a multiple of model.num_kv_heads ({m.n_kv_heads})")
     _check(m.position_embedding != "rope" or m.dim_per_head % 2 == 0,
            f"RoPE needs an even head size; model.head_dim is {m.dim_per_head}")
-    _check(m.sliding_window >= 0 and m.sliding_window % 2 == 0,
+    _check(m.sliding_window % 2 == 0,
            f"model.sliding_window ({m.sliding_window}) is a total window (e.g. 128 = +-64 tokens): "
            f"use an even number, or 0 for global attention everywhere")
-    _check(m.global_attn_every_n_layers >= 1, "model.global_attn_every_n_layers must be >= 1")
     _check(m.sliding_window > 0 or m.global_attn_every_n_layers == 1,
            f"model.global_attn_every_n_layers = {m.global_attn_every_n_layers} asks for local layers "
            f"but model.sliding_window is 0; set model.sliding_window (e.g. 128)")
-    _check(m.vocab_size >= 0, "model.vocab_size must be >= 0 (0 takes the tokenizer's size)")
-    _check(m.type_vocab_size >= 0, "model.type_vocab_size must be >= 0")
-    validate_model_parallel(m, tensor, pipeline, virtual)
-
-
-def validate_model_parallel(m: ModelConfig, tensor: int, pipeline: int, virtual: int):
+    _check(m.attention_dropout == 0 or m.attention_backend != "flex",
+           "model.attention_dropout needs model.attention_backend sdpa or auto (flex_attention has no dropout)")
     _check(m.num_heads % tensor == 0,
            f"model.num_heads ({m.num_heads}) must be divisible by parallel.tensor ({tensor})")
     kv = m.n_kv_heads
@@ -473,80 +474,31 @@ def validate_model_parallel(m: ModelConfig, tensor: int, pipeline: int, virtual:
     _check(m.vocab_size % tensor == 0,
            f"model.vocab_size ({m.vocab_size}) must be divisible by parallel.tensor ({tensor}); "
            f"set model.vocab_size to a multiple, or 0 to pad the tokenizer's size automatically")
-    chunks = pipeline * virtual
     _check(m.num_layers % chunks == 0,
            f"model.num_layers ({m.num_layers}) must be divisible by parallel.pipeline x "
-           f"parallel.virtual_pipeline ({pipeline} x {virtual} = {chunks})")
-
-
-def validate(cfg: Config, world_size: int | None = None):
-    """Everything checkable before a process group exists; pass world_size to check the layout too."""
-    p = cfg.parallel
-    for key in ("tensor", "pipeline", "virtual_pipeline"):
-        _check(getattr(p, key) >= 1, f"parallel.{key} must be >= 1, got {getattr(p, key)}")
-    _check(p.virtual_pipeline == 1 or p.pipeline > 1,
-           "parallel.virtual_pipeline > 1 needs parallel.pipeline > 1")
-    validate_model(cfg.model, p.tensor, p.pipeline, p.virtual_pipeline)
-    validate_training(cfg)
-    if world_size is not None:
-        validate_layout(cfg, world_size)
+           f"parallel.virtual_pipeline ({chunks})")
 
 
 def validate_training(cfg: Config):
-    d, t, o = cfg.data, cfg.train, cfg.optim
-    _choice(d.packing, "data.packing", ("none", "concat", "best_fit"))
-    _choice(d.tokenizer_type, "data.tokenizer_type",
-            ("SentencePieceTokenizer", "HuggingFaceTokenizer", "ByteTokenizer"))
-    _check(0.0 < d.mask_prob < 1.0, f"data.mask_prob ({d.mask_prob}) must be in (0, 1)")
-    _check(d.mask_token_prob >= 0 and d.random_token_prob >= 0
-           and d.mask_token_prob + d.random_token_prob <= 1.0,
+    d, t, o, m = cfg.data, cfg.train, cfg.optim, cfg.model
+    _check(d.mask_token_prob + d.random_token_prob <= 1.0,
            "data.mask_token_prob + data.random_token_prob must lie in [0, 1] (80/10/10 is 0.8 and 0.1)")
-    _check(d.seq_length >= 8, f"data.seq_length ({d.seq_length}) must be >= 8")
     _check(not (d.cache_dir and Path(d.cache_dir).is_file()),
            f"data.cache_dir ({d.cache_dir}) is a file; name a folder")
-    _check(cfg.model.position_embedding != "learned" or d.seq_length <= cfg.model.max_position_embeddings,
-           f"data.seq_length ({d.seq_length}) exceeds model.max_position_embeddings "
-           f"({cfg.model.max_position_embeddings}) of the learned position table")
-    _choice(t.precision, "train.precision", ("fp32", "bf16"))
-    _choice(t.recompute, "train.recompute", ("none", "selective", "full"))
-    _check(t.steps >= 1, "train.steps must be >= 1")
-    _check(t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1")
+    for length in d.seq_length_stages.values():
+        _check(isinstance(length, int) and length >= 8,
+               f"data.seq_length_stages: length {length} must be an integer >= 8")
+    for length in [d.seq_length, *d.seq_length_stages.values()]:
+        _check(m.position_embedding != "learned" or length <= m.max_position_embeddings,
+               f"data.seq_length ({length}, or a stage of data.seq_length_stages) exceeds "
+               f"model.max_position_embeddings ({m.max_position_embeddings}) of the learned position table")
+    for rate in d.mask_prob_stages.values():
+        _check(0.0 < rate < 1.0, f"data.mask_prob_stages: rate {rate} must be in (0, 1)")
     _check(t.global_batch_size % t.micro_batch_size == 0,
            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
            f"train.micro_batch_size ({t.micro_batch_size})")
-    validate_curricula(cfg)
-    _choice(o.schedule, "optim.schedule", ("linear", "cosine", "constant", "wsd"))
-    _check(o.lr > 0 and 0 <= o.min_lr <= o.lr, f"need 0 <= optim.min_lr ({o.min_lr}) <= optim.lr ({o.lr})")
-    _check(0 <= o.warmup_steps <= t.steps,
-           f"optim.warmup_steps ({o.warmup_steps}) must lie in [0, train.steps ({t.steps})]")
-
-
-def padded_vocab_size(tokenizer_vocab: int, m: ModelConfig, tensor: int = 1) -> int:
-    """The tokenizer's vocabulary rounded up so every tensor-parallel shard is a multiple of the pad."""
-    multiple = m.make_vocab_size_divisible_by * tensor
-    return -(-tokenizer_vocab // multiple) * multiple
-
-
-def check_vocab(m: ModelConfig, tokenizer_vocab: int, source: str):
-    _check(m.vocab_size >= tokenizer_vocab,
-           f"model.vocab_size ({m.vocab_size}) is smaller than the vocabulary of {source} ({tokenizer_vocab}); "
-           f"raise it, or set it to 0 to take the tokenizer's size")
-
-
-def validate_curricula(cfg: Config):
-    from megatron_jp.training.schedules import parse_rampup, parse_stages  # schedules import this module
-
-    d = cfg.data
-    for _, length in parse_stages(d.seq_length_stages, "data.seq_length_stages", int):
-        _check(8 <= length and (cfg.model.position_embedding != "learned"
-                                or length <= cfg.model.max_position_embeddings),
-               f"data.seq_length_stages: length {length} must be >= 8 and fit model.max_position_embeddings")
-    for _, rate in parse_stages(d.mask_prob_stages, "data.mask_prob_stages"):
-        _check(0.0 < rate < 1.0, f"data.mask_prob_stages: rate {rate} must be in (0, 1)")
-    rampup = parse_rampup(cfg.train.rampup_batch_size)
-    _check(rampup is None or (rampup[0] % cfg.train.micro_batch_size == 0
-                              and rampup[1] % cfg.train.micro_batch_size == 0),
-           "train.rampup_batch_size: START and INCREMENT must be multiples of train.micro_batch_size")
+    _check(o.min_lr <= o.lr, f"need optim.min_lr ({o.min_lr}) <= optim.lr ({o.lr})")
+    _check(o.warmup_steps <= t.steps, f"optim.warmup_steps ({o.warmup_steps}) must not exceed train.steps ({t.steps})")
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:
@@ -564,28 +516,37 @@ def validate_layout(cfg: Config, world_size: int):
     _check(p.data in (0, world_size // mp),
            f"parallel.data ({p.data}) does not match world size {world_size} / {mp} = {world_size // mp}; "
            f"set parallel.data to 0 to derive it")
-    _check(t.global_batch_size % (t.micro_batch_size * dp) == 0,
+    per_step = t.micro_batch_size * dp
+    _check(t.global_batch_size % per_step == 0,
            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
            f"train.micro_batch_size x data-parallel size ({t.micro_batch_size} x {dp})")
-    from megatron_jp.training.schedules import parse_rampup, parse_stages
-
-    rampup = parse_rampup(t.rampup_batch_size)
-    _check(rampup is None or (rampup[0] % (t.micro_batch_size * dp) == 0
-                              and rampup[1] % (t.micro_batch_size * dp) == 0),
+    ramp = t.rampup_batch_size
+    _check(ramp is None or (ramp.start % per_step == 0 and ramp.increment % per_step == 0),
            f"train.rampup_batch_size: START and INCREMENT must be multiples of train.micro_batch_size x "
            f"data-parallel size ({t.micro_batch_size} x {dp})")
     if p.virtual_pipeline > 1:  # interleaved 1F1B runs micro-batches in groups of `pipeline`
-        sizes = [t.global_batch_size] + ([rampup[0], rampup[1]] if rampup else [])
-        _check(all((size // (t.micro_batch_size * dp)) % p.pipeline == 0 for size in sizes),
+        sizes = [t.global_batch_size] + ([ramp.start, ramp.increment] if ramp else [])
+        _check(all((size // per_step) % p.pipeline == 0 for size in sizes),
                f"parallel.virtual_pipeline > 1: the micro-batches per data-parallel rank (global batch "
                f"{t.global_batch_size} / ({t.micro_batch_size} x {dp}), and every ramp-up size) must be a "
                f"multiple of parallel.pipeline ({p.pipeline})")
     if p.sequence_parallel and p.tensor > 1:
-        lengths = [cfg.data.seq_length] + [n for _, n in parse_stages(cfg.data.seq_length_stages,
-                                                                     "data.seq_length_stages", int)]
+        lengths = [cfg.data.seq_length, *cfg.data.seq_length_stages.values()]
         _check(all(n % p.tensor == 0 for n in lengths),
                f"parallel.sequence_parallel: data.seq_length (and every seq_length stage) must be a multiple "
                f"of parallel.tensor ({p.tensor}), got {lengths}")
+
+
+def padded_vocab_size(tokenizer_vocab: int, m: ModelConfig, tensor: int = 1) -> int:
+    """The tokenizer's vocabulary rounded up so every tensor-parallel shard is a multiple of the pad."""
+    multiple = m.make_vocab_size_divisible_by * tensor
+    return -(-tokenizer_vocab // multiple) * multiple
+
+
+def check_vocab(m: ModelConfig, tokenizer_vocab: int, source: str):
+    _check(m.vocab_size >= tokenizer_vocab,
+           f"model.vocab_size ({m.vocab_size}) is smaller than the vocabulary of {source} ({tokenizer_vocab}); "
+           f"raise it, or set it to 0 to take the tokenizer's size")
 
 
 # ----------------------------------------------------------------------------- documentation
@@ -608,7 +569,16 @@ def describe() -> str:
     for name in SECTIONS:
         cls = _section_class(name)
         lines.append(f"{name}:  # {cls.__doc__}")
-        defaults = cls()
+        defaults = _plain(cls())
         for key, doc in field_docs(cls).items():
-            lines.append(f"  {key}: {getattr(defaults, key)!r}  # {doc}")
+            lines.append(f"  {key}: {defaults[key]!r}  # {doc}")
     return "\n".join(lines)
+
+
+def _plain(section) -> dict:
+    """A section as YAML-ready values: curricula back to their strings."""
+    out = {}
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        out[f.name] = str(value) if isinstance(value, (Stages, RampUp)) else "" if value is None else value
+    return out

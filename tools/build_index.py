@@ -18,22 +18,23 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_jp.config import ConfigError, load_config, validate  # noqa: E402
+from megatron_jp.train import world_size_from_env  # noqa: E402
 
 
 def build(cfg):
     """(train loader, valid loader or None, batch-size schedule) with every stage's index built."""
-    from megatron_jp.data.loader import StagedSchedule, build_data_loaders
+    from megatron_jp.data.loader import build_data_loaders
     from megatron_jp.data.tokenizers import build_tokenizer
-    from megatron_jp.training.schedules import BatchSizeSchedule, parse_rampup, parse_stages
+    from megatron_jp.training.schedules import Curricula
 
     d, t = cfg.data, cfg.train
-    stages = dict(parse_stages(d.seq_length_stages, "data.seq_length_stages", int)) or {0: d.seq_length}
-    batch = BatchSizeSchedule(parse_rampup(t.rampup_batch_size), t.global_batch_size)
+    curricula = Curricula.from_config(cfg)
     tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model)
     train, valid = build_data_loaders(d, tokenizer, micro_batch_size=t.micro_batch_size, dp_rank=0, dp_size=1,
                                       seed=t.seed, global_batch_size=t.global_batch_size,
-                                      seq_length_at=StagedSchedule(stages), step_of=batch.step_of)
-    return train, valid, batch
+                                      mask_prob_at=curricula.mask_prob, seq_length_at=curricula.seq_length,
+                                      step_of=curricula.batch.step_of)
+    return train, valid, curricula.batch
 
 
 def entries(*loaders) -> list[str]:
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     try:
         cfg = load_config(args.config, overrides)
-        validate(cfg)
+        validate(cfg, world_size_from_env(cfg))
         train, valid, batch = build(cfg)
     except (ConfigError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

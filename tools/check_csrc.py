@@ -156,7 +156,7 @@ def check(csrc: Path, out: Path, jobs_n: int, selected: list[str] | None) -> lis
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--jobs", type=int, default=int(os.environ.get("MAX_JOBS", 2)), help="parallel compiles")
     p.add_argument("--out", type=Path, help="keep objects and the linked _<family> libraries here")
     p.add_argument("--family", nargs="*", help="only these csrc/ folders (default: all with .cu files)")

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from megatron_jp.config import Config
+from megatron_jp.config import Config, validate
 from megatron_jp.models.hf import import_hf
 from megatron_jp.training.checkpoint import save_model_checkpoint
 
@@ -29,10 +29,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         model_cfg, state = import_hf(args.hf)
-    except (FileNotFoundError, ValueError) as e:
+        cfg = Config(model=model_cfg)
+        validate(cfg, world_size=1)
+    except (FileNotFoundError, ValueError) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cfg = Config(model=model_cfg)
     if (Path(args.hf) / "tokenizer.json").exists():
         cfg.data.tokenizer_type, cfg.data.tokenizer_model = "HuggingFaceTokenizer", str(Path(args.hf).resolve())
     folder = save_model_checkpoint(args.output, 0, cfg, state, {"imported_from": str(args.hf)})

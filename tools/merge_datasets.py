@@ -63,7 +63,8 @@ def merge(prefixes: list[str], out: str, allow_mismatch: bool = False) -> tuple[
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--input", nargs="+", required=True, help="shard prefixes or folders of shards")
     p.add_argument("--output-prefix", required=True)
     p.add_argument("--allow-tokenizer-mismatch", action="store_true",

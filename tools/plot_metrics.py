@@ -54,7 +54,7 @@ def plot(records: list[dict], output: Path):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("run_dir", type=Path)
     p.add_argument("--output", type=Path, default=None)
     args = p.parse_args(argv)

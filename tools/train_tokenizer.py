@@ -23,7 +23,8 @@ from megatron_jp.data.tokenizers import SentencePieceTokenizer, save_hf_tokenize
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--input", nargs="+", required=True, help="text files (one sentence/paragraph per line)")
     p.add_argument("--model-prefix", required=True, help="writes PREFIX.model, PREFIX.vocab and PREFIX-hf/")
     p.add_argument("--vocab-size", type=int, required=True)

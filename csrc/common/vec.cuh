@@ -6,10 +6,20 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <type_traits>
+
 namespace mjp {
 
 template <typename T>
 constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte vector: 4 fp32, 8 bf16/fp16
+
+// The one place a run-time alignment test becomes a compile-time vector width: calls
+// fn(std::integral_constant<int, N>{}) with N = kVec<T> when `vectorizable`, else N = 1.
+template <typename T, typename Fn>
+decltype(auto) with_vector_width(bool vectorizable, Fn&& fn) {
+  if (vectorizable) return fn(std::integral_constant<int, kVec<T>>{});
+  return fn(std::integral_constant<int, 1>{});
+}
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {

@@ -139,11 +139,7 @@ const char* launch_glu(const Params& p) {
         case Activation::kGeluTanh: run(n_tag, std::integral_constant<Activation, Activation::kGeluTanh>{}); break;
       }
     };
-    if (vec) {
-      with_activation(std::integral_constant<int, kVec<T>>{});
-    } else {
-      with_activation(std::integral_constant<int, 1>{});
-    }
+    with_vector_width<T>(vec, with_activation);
     return launch_status();
   });
 }

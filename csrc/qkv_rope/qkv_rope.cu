@@ -123,8 +123,7 @@ const char* launch_kernel(const Params& p, std::initializer_list<const void*> po
       Kernel<T, n>::launch(grid_blocks(items, p.device), stream, p, space);
       return launch_status();
     };
-    if (vectorizable<T>(s.head_dim, pointers)) return launch(std::integral_constant<int, kVec<T>>{});
-    return launch(std::integral_constant<int, 1>{});
+    return with_vector_width<T>(vectorizable<T>(s.head_dim, pointers), launch);
   });
 }
 

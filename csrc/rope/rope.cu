@@ -64,7 +64,9 @@ const char* launch(const Params& p) {
   auto stream = static_cast<cudaStream_t>(p.stream);
   return dispatch_dtype(p.dtype, [&](auto tag) -> const char* {
     using T = typename decltype(tag)::type;
-    return vectorizable<T>(p) ? launch_with<T, kVec<T>>(p, stream) : launch_with<T, 1>(p, stream);
+    return with_vector_width<T>(vectorizable<T>(p), [&](auto n_tag) {
+      return launch_with<T, decltype(n_tag)::value>(p, stream);
+    });
   });
 }
 

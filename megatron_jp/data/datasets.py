@@ -220,9 +220,3 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     before = np.cumsum(lengths) - lengths
     return np.repeat(np.asarray(starts, dtype=np.int64) - before, lengths) + np.arange(total)
 
-
-def build_data_loaders(data_cfg, tokenizer, **kwargs):
-    """(train_loader, valid_loader); see megatron_jp.data.loader.build_data_loaders."""
-    from megatron_jp.data.loader import build_data_loaders as build
-
-    return build(data_cfg, tokenizer, **kwargs)

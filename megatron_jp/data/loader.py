@@ -11,14 +11,14 @@ consecutive ones (Megatron's pretraining sampler). `consumed_samples` counts sam
 
 Curricula: the mask rate and seq length of a batch are functions of the optimizer step
 (step = consumed_samples // global_batch_size): `mask_prob_at(step) -> float`,
-`seq_length_at(step) -> int` (e.g. `LinearSchedule(0.3, 0.15, 10_000)`,
-`StagedSchedule({0: 128, 90_000: 512})`). The sampler, which runs ahead of the DataLoader
+`seq_length_at(step) -> int` (e.g. megatron_jp.training.schedules' `LinearSchedule(0.3, 0.15,
+10_000)` or `StagedSchedule({0: 128, 90_000: 512})`). The sampler, which runs ahead of the DataLoader
 workers, stamps each batch with its values, so prefetched batches are always right; a batch
 is a pure function of (seed, sample indices, seq_length, mask_prob), hence reproducible and
 resumable. `set_mask_prob(p)` / `set_seq_length(s)` (a value or a schedule) may also be called
 from the training loop: prefetched batches that no longer match are dropped. A new seq_length
-builds that length's packed index (all stage values of a StagedSchedule are built before the
-workers start).
+builds that length's packed index (a schedule with `values()` has all of its lengths built before
+the workers start).
 
 Indices live in the index cache (`data.cache_dir`, default `index-cache/` next to the first shard
 of data.paths; megatron_jp.data.index_cache): built once by one process, memory-mapped by all, so
@@ -39,32 +39,6 @@ from megatron_jp.data import indexed, provenance
 from megatron_jp.data.datasets import TRAIN, VALID, MLMDataset, PackedSource, parse_blend, split_bounds
 from megatron_jp.data.index_cache import IndexCache
 from megatron_jp.data.masking import Masker
-
-
-class LinearSchedule:
-    """start -> end linearly over steps [start_step, start_step + steps], constant outside."""
-
-    def __init__(self, start: float, end: float, steps: int, start_step: int = 0):
-        self.start, self.end, self.steps, self.start_step = start, end, max(int(steps), 1), start_step
-
-    def __call__(self, step: int) -> float:
-        t = min(max((step - self.start_step) / self.steps, 0.0), 1.0)
-        return float(self.start + t * (self.end - self.start))
-
-
-class StagedSchedule:
-    """Piecewise constant: {first step: value}; e.g. {0: 128, 90000: 512} for seq-length stages."""
-
-    def __init__(self, stages: dict):
-        if 0 not in stages:
-            raise ValueError(f"stages {stages} must define step 0")
-        self.stages = sorted((int(s), v) for s, v in stages.items())
-
-    def __call__(self, step: int):
-        return [v for s, v in self.stages if s <= step][-1]
-
-    def values(self) -> list:
-        return [v for _, v in self.stages]
 
 
 def _constant(value):

@@ -77,7 +77,7 @@ class ChunkResult:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="preprocess_data.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="preprocess_data.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     g = p.add_argument_group("input")
     g.add_argument("--input", nargs="+", required=True, help="JSONL files (.gz too), globs allowed")
     g.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract (default: text)")

@@ -1,15 +1,3 @@
-"""The encoder, its presets and its Hugging Face key maps."""
-
-from torch import nn
-
-EMBEDDING_PARAMS = ("embeddings.tok.weight", "embeddings.pos.weight", "embeddings.types.weight")
-
-
-def count_parameters(model: nn.Module) -> dict:
-    """Total parameters (a tied decoder counted once) and those outside the embedding tables."""
-    total = embedding = 0
-    for name, param in model.named_parameters():  # named_parameters yields a shared tensor once
-        total += param.numel()
-        if name in EMBEDDING_PARAMS:
-            embedding += param.numel()
-    return {"params_total": total, "params_non_embedding": total - embedding}
+"""The encoder (encoder.py), its presets (presets.py: plain dicts, read by megatron_jp.config, whose
+`preset(name)` gives a preset's ModelConfig) and its Hugging Face key maps (hf/). Nothing is imported
+here, so the config layer can read the presets beneath everything else."""

@@ -13,7 +13,6 @@ reach the MLM head (sparse prediction): a [batch, seq, vocab] tensor is never bu
 
 from __future__ import annotations
 
-import functools
 import math
 import zlib
 from dataclasses import dataclass
@@ -21,88 +20,34 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from megatron_jp.config import ModelConfig
+from megatron_jp.models.attention import AttentionContext, attend
 from megatron_jp.ops.glu import glu
 from megatron_jp.ops.qkv_rope import qkv_rope
 
 IGNORE_INDEX = -100
 
+# A tied decoder shares the token embedding's tensor: state dicts hold it under both names, while
+# checkpoints, initialisation and shard layouts know it by the embedding's name only.
+TIED_EMBEDDING = "embeddings.tok.weight"
+TIED_DECODER = "head.decoder.weight"
 
-@functools.cache
-def compiled_flex_attention():
-    """flex_attention is fast only compiled; eager runs (CPU, tests) use its reference path."""
-    if not torch.cuda.is_available():
-        return flex_attention
-    return torch.compile(flex_attention, dynamic=False)
+
+def tie(state: dict, cfg: ModelConfig) -> dict:
+    """A state dict with the tied decoder under its own name too (what Encoder.load_state_dict takes)."""
+    return {**state, TIED_DECODER: state[TIED_EMBEDDING]} if cfg.tie_embeddings else state
+
+
+def untie(state: dict, cfg: ModelConfig) -> dict:
+    """A state dict holding a tied tensor once, under the embedding's name (checkpoints, HF files)."""
+    return {k: v for k, v in state.items() if k != TIED_DECODER} if cfg.tie_embeddings else state
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
     return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.norm_bias)
-
-
-def positions_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
-    """Position of each token within its document: 0 at every change of segment id."""
-    S = segment_ids.shape[1]
-    index = torch.arange(S, device=segment_ids.device).expand_as(segment_ids)
-    starts = torch.ones_like(segment_ids, dtype=torch.bool)
-    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
-    start_index = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
-    return index - start_index
-
-
-@dataclass
-class AttentionContext:
-    """What every layer needs about the batch layout, built once per forward."""
-
-    positions: torch.Tensor  # (B, S) position of each token inside its document
-    segment_ids: torch.Tensor | None  # (B, S) or None when every row is one unpadded document
-    backend: str = "sdpa"  # "flex": block-sparse masks, whose empty blocks are skipped on GPU
-
-    def mask(self, window: int):
-        """Where a query may attend to a key (same document, within window): None for everywhere,
-        a (B, 1, S, S) bool tensor for SDPA, or a BlockMask for flex_attention."""
-        if self.segment_ids is None and window == 0:
-            return None  # full attention: SDPA's fastest path
-        if self.backend == "flex":
-            return self.block_mask(window)
-        B, S = self.positions.shape
-        allowed = torch.ones(B, 1, S, S, dtype=torch.bool, device=self.positions.device)
-        if self.segment_ids is not None:
-            seg = self.segment_ids
-            allowed = allowed & (seg[:, None, :, None] == seg[:, None, None, :])
-        if window:
-            idx = torch.arange(S, device=self.positions.device)
-            allowed = allowed & ((idx[:, None] - idx[None, :]).abs() <= window // 2)
-        return allowed
-
-    def block_mask(self, window: int):
-        B, S = self.positions.shape
-        seg = self.segment_ids
-
-        def allowed(b, h, q, k):
-            ok = seg[b, q] == seg[b, k] if seg is not None else q >= 0
-            return ok & ((q - k).abs() <= window // 2) if window else ok
-
-        return create_block_mask(allowed, B if seg is not None else None, None, S, S,
-                                 device=self.positions.device)
-
-    @classmethod
-    def build(cls, input_shape, device, segment_ids=None, position_ids=None,
-              backend: str = "auto", windowed: bool = False) -> "AttentionContext":
-        B, S = input_shape
-        if position_ids is None:
-            if segment_ids is not None:
-                position_ids = positions_from_segments(segment_ids)
-            else:
-                position_ids = torch.arange(S, device=device).expand(B, S)
-        if backend == "auto":  # flex pays where masks are sparse and it can be compiled with backward
-            sparse = windowed or segment_ids is not None
-            backend = "flex" if sparse and torch.device(device).type == "cuda" else "sdpa"
-        return cls(positions=position_ids, segment_ids=segment_ids, backend=backend)
 
 
 class Embeddings(nn.Module):
@@ -128,34 +73,50 @@ class Embeddings(nn.Module):
         return self.drop(h)
 
 
+class QKVProjection(nn.Module):
+    """x (B, S, H), positions -> q (B, Hq, S, D), k and v (B, Hk, S, D): one matmul with the fused
+    [all q; all k; all v] weight, then one op that adds the bias, splits the heads and rotates q and k
+    (ops/qkv_rope.py: a CUDA kernel where built). The head counts are this module's, so a
+    tensor-parallel twin with fewer local heads is the same forward on a smaller weight."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, n_heads: int, n_kv_heads: int):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, cfg.dim_per_head
+        rows = (n_heads + 2 * n_kv_heads) * self.head_dim
+        self.weight = nn.Parameter(torch.empty(rows, cfg.hidden_size))
+        self.bias = nn.Parameter(torch.empty(rows)) if cfg.qkv_bias else None
+        self.rope, self.theta = cfg.position_embedding == "rope", cfg.layer_theta(layer)
+
+    def forward(self, x, positions):
+        return qkv_rope(F.linear(x, self.weight), self.bias, positions if self.rope else None, self.theta,
+                        self.n_heads, self.n_kv_heads, self.head_dim)
+
+
+class CoreAttention(nn.Module):
+    """softmax(q k^T / sqrt(D) + mask) v with the kernel the mask calls for (models/attention.py). A
+    module of its own (no parameters), so recomputation and tensor-parallel dropout seeds can wrap it
+    from outside."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dropout = cfg.attention_dropout
+
+    def forward(self, q, k, v, mask):
+        return attend(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, S, heads, D)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_heads, cfg.n_kv_heads, cfg.dim_per_head
-        qkv_out = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
-        self.qkv = nn.Linear(cfg.hidden_size, qkv_out, bias=cfg.qkv_bias)  # [all q; all k; all v]
-        self.out = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.attn_out_bias)
-        self.rope = cfg.position_embedding == "rope"
-        self.theta = cfg.layer_theta(layer)
+        self.qkv = QKVProjection(cfg, layer, cfg.num_heads, cfg.n_kv_heads)
+        self.core = CoreAttention(cfg)
+        self.out = nn.Linear(cfg.num_heads * cfg.dim_per_head, cfg.hidden_size, bias=cfg.attn_out_bias)
         self.window = 0 if cfg.is_global_layer(layer) else cfg.sliding_window
-        self.dropout = cfg.attention_dropout
 
-    def forward(self, x, ctx: AttentionContext, mask):
-        B, S, _ = x.shape
-        # the fused op adds the bias, splits heads and rotates q and k in one pass
-        q, k, v = qkv_rope(F.linear(x, self.qkv.weight), self.qkv.bias,
-                           ctx.positions if self.rope else None, self.theta,
-                           self.n_heads, self.n_kv_heads, self.head_dim)  # (B, heads, S, D)
-        y = self.core_attention(q, k, v, mask)
-        return self.out(y.transpose(1, 2).reshape(B, S, -1))
-
-    def core_attention(self, q, k, v, mask):
-        # GQA: both kernels broadcast the shared K/V heads instead of materialising repeats
-        if isinstance(mask, BlockMask):
-            return compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_heads != self.n_heads)
+    def forward(self, x, ctx: AttentionContext):
+        q, k, v = self.qkv(x, ctx.positions)  # (B, heads, S, D)
+        y = self.core(q, k, v, ctx.mask(self.window))
+        return self.out(y.flatten(2))  # (B, S, heads * D)
 
 
 class MLP(nn.Module):
@@ -183,12 +144,11 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.hidden_dropout)
         self.pre_norm = cfg.norm_position == "pre"
 
-    def forward(self, h, ctx: AttentionContext, masks: dict):
-        mask = masks[self.attn.window]
+    def forward(self, h, ctx: AttentionContext):
         if self.pre_norm:
-            h = h + self.drop(self.attn(self.attn_norm(h), ctx, mask))
+            h = h + self.drop(self.attn(self.attn_norm(h), ctx))
             return h + self.drop(self.mlp(self.mlp_norm(h)))
-        h = self.attn_norm(h + self.drop(self.attn(h, ctx, mask)))
+        h = self.attn_norm(h + self.drop(self.attn(h, ctx)))
         return self.mlp_norm(h + self.drop(self.mlp(h)))
 
 
@@ -200,20 +160,26 @@ class MLMHead(nn.Module):
         self.transform = cfg.head_type == "transform"
         if self.transform:
             self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.head_bias)
+            self.approximate = "tanh" if cfg.head_activation == "gelu_tanh" else "none"
             self.norm = make_norm(cfg)
         self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.decoder_bias)
 
-    def forward(self, h):
+    def features(self, h):
+        """What the decoder reads: the transform's output, or h itself for a linear head."""
         if self.transform:
-            h = self.norm(F.gelu(self.dense(h)))
-        return self.decoder(h)
+            return self.norm(F.gelu(self.dense(h), approximate=self.approximate))
+        return h
+
+    def forward(self, h):
+        return self.decoder(self.features(h))
 
 
 @dataclass
 class MLMOutput:
-    logits: torch.Tensor  # (N, V) at the N predicted positions, or (B, S, V) without labels
-    targets: torch.Tensor | None  # (N,) original ids at those positions
+    logits: torch.Tensor | None  # (N, V) at the N predicted positions, or (B, S, V) without labels
+    targets: torch.Tensor | None  # (N,) original ids at those positions (IGNORE_INDEX: padding entries)
     hidden: torch.Tensor | None = None  # (B, S, H) when the head is absent (inner pipeline stages)
+    features: torch.Tensor | None = None  # (N, H) the decoder's input, when asked for instead of logits
 
 
 class Encoder(nn.Module):
@@ -229,32 +195,72 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.num_layers)})
         self.final_norm = make_norm(cfg) if cfg.final_norm else None
         self.head = MLMHead(cfg)
-        if cfg.tie_embeddings:
+        self.tie_weights()
+
+    def tie_weights(self):
+        """The decoder's weight is the token embedding's tensor (when tied and both are present)."""
+        if self.cfg.tie_embeddings and self.embeddings is not None and self.head is not None:
             self.head.decoder.weight = self.embeddings.tok.weight
 
+    def attention_context(self, input_ids, segment_ids=None, position_ids=None, varlen=None) -> AttentionContext:
+        """The batch layout for every layer of the model (all pipeline chunks share it)."""
+        # attention dropout exists only in SDPA: "auto" keeps training runs with it there
+        backend = "sdpa" if self.training and self.cfg.attention_dropout else self.cfg.attention_backend
+        return AttentionContext.build(input_ids.shape, input_ids.device, segment_ids, position_ids, backend,
+                                      layer_windows(self.cfg), varlen)
+
     def forward(self, input_ids, labels=None, segment_ids=None, position_ids=None, token_type_ids=None,
-                hidden_states=None) -> MLMOutput:
+                hidden_states=None, ctx: AttentionContext | None = None, predicted=None,
+                logits: bool = True) -> MLMOutput:
         """input_ids (B, S); labels (B, S) with IGNORE_INDEX where nothing is predicted.
-        Stages without embeddings take `hidden_states` (B, S, H) from the previous stage instead."""
-        windows = {layer.attn.window for layer in self.layers.values()}
-        ctx = AttentionContext.build(input_ids.shape, input_ids.device, segment_ids, position_ids,
-                                     self.cfg.attention_backend, windowed=any(windows))
-        masks = {w: ctx.mask(w) for w in windows}
+
+        Stages without embeddings take `hidden_states` (B, S, H) from the previous stage instead. `ctx`
+        is the batch layout (built here when absent). `predicted` (N,) lists the flat positions in
+        B * S to predict, made on the host with a size fixed per micro-batch (extra entries carry
+        IGNORE_INDEX labels): shapes then never depend on the data and nothing waits for the device;
+        without it, the positions come from the labels (one synchronisation). logits=False stops
+        before the decoder: the caller's loss fuses it (parallel/loss.py).
+        """
+        ctx = ctx if ctx is not None else self.attention_context(input_ids, segment_ids, position_ids)
         h = self.embeddings(input_ids, ctx.positions, token_type_ids) if self.embeddings else hidden_states
         for layer in self.layers.values():
-            h = layer(h, ctx, masks)  # (B, S, H)
+            h = layer(h, ctx)  # (B, S, H)
         if self.final_norm is not None:
             h = self.final_norm(h)
         if self.head is None:
             return MLMOutput(logits=None, targets=None, hidden=h)
         if labels is None:
             return MLMOutput(logits=self.head(h), targets=None)
-        predicted = labels != IGNORE_INDEX
-        return MLMOutput(logits=self.head(h[predicted]), targets=labels[predicted])  # (N, V), (N,)
+        if predicted is None:
+            predicted = (labels.flatten() != IGNORE_INDEX).nonzero().squeeze(1)
+        features = self.head.features(h.flatten(0, 1)[predicted])  # (N, H)
+        targets = labels.flatten()[predicted]  # (N,)
+        if not logits:
+            return MLMOutput(logits=None, targets=targets, features=features)
+        return MLMOutput(logits=self.head.decoder(features), targets=targets)  # (N, V)
+
+
+def layer_windows(cfg: ModelConfig) -> set[int]:
+    """The attention windows the model's layers use (0: global)."""
+    return {0 if cfg.is_global_layer(i) else cfg.sliding_window for i in range(cfg.num_layers)}
+
+
+EMBEDDING_PARAMS = (TIED_EMBEDDING, "embeddings.pos.weight", "embeddings.types.weight")
+
+
+def count_parameters(model: nn.Module) -> dict:
+    """Total parameters (a tied decoder counted once) and those outside the embedding tables."""
+    total = embedding = 0
+    for name, param in model.named_parameters():  # named_parameters yields a shared tensor once
+        total += param.numel()
+        if name in EMBEDDING_PARAMS:
+            embedding += param.numel()
+    return {"params_total": total, "params_non_embedding": total - embedding}
 
 
 def masked_lm_loss(output: MLMOutput, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy over the predicted positions, in fp32 whatever the logits' dtype."""
+    """Cross-entropy over the predicted positions, in fp32 whatever the logits' dtype (IGNORE_INDEX
+    targets, the padding of a fixed-size prediction index, count for nothing)."""
     return F.cross_entropy(output.logits.float(), output.targets, reduction=reduction)
 
 
@@ -291,7 +297,6 @@ def build_encoder(cfg: ModelConfig, seed: int = 0, device="cpu", dtype=torch.flo
     if str(device) == "meta":
         return model
     model = model.to_empty(device="cpu")
-    if cfg.tie_embeddings:  # to_empty breaks the sharing: restore it
-        model.head.decoder.weight = model.embeddings.tok.weight
+    model.tie_weights()  # to_empty breaks the sharing: restore it
     init_weights(model, cfg, seed)
     return model.to(device=device, dtype=dtype)

@@ -1,13 +1,10 @@
 """Named architectures: the five seed models of shared/seeds and tiny shapes for tests and demos.
 
-A preset is a dict of ModelConfig fields; fields written next to `model.preset` in a config override
-it. Where a model card leaves a field open it is derived from the card's parameter counts, and the
+A preset is a plain dict of ModelConfig fields (this module imports nothing: megatron_jp.config,
+the bottom layer, reads it); fields written next to `model.preset` in a config override it.
+`megatron_jp.config.preset(name, **overrides)` gives the ModelConfig. Where a model card leaves a field open it is derived from the card's parameter counts, and the
 comment says how; tests/unit/test_presets.py holds every preset to its card within 2%.
 """
-
-from __future__ import annotations
-
-from megatron_jp.config import ConfigError, ModelConfig
 
 LLAMA_ENCODER = dict(
     norm="rmsnorm", norm_position="pre", activation="swiglu", position_embedding="rope",
@@ -77,13 +74,3 @@ REPORTED_PARAMS = {
     "retrieva-bert-1.3b": (1.30e9, 1.15e9),
 }
 
-
-def preset_fields(name: str, source: str = "config") -> dict:
-    if name not in PRESETS:
-        raise ConfigError(f"{source}: model.preset {name!r} is unknown; choose one of {', '.join(PRESETS)}")
-    return {"preset": name, **PRESETS[name]}
-
-
-def preset(name: str, **overrides) -> ModelConfig:
-    """The ModelConfig of a preset, with field overrides."""
-    return ModelConfig(**{**preset_fields(name), **overrides})

@@ -5,13 +5,13 @@ The training driver's view::
     rank, world, device = init_process_group()      # torchrun (RANK/WORLD_SIZE/LOCAL_RANK) or srun
                                                      # (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID) with
                                                      # MASTER_ADDR/MASTER_PORT; a world of 1 needs nothing
-    dims = ParallelDims.from_config(cfg, world, rank, device)   # validates, then creates the groups
+    dims = ParallelDims.from_config(cfg, world, rank, device)   # a validated cfg; creates the groups
     model = build_parallel_model(cfg.model, dims, seed=cfg.train.seed, precision=cfg.train.precision,
-                                 recompute=cfg.train.recompute,
+                                 recompute=cfg.train.recompute, zero1=cfg.parallel.zero1,
                                  sequence_parallel=cfg.parallel.sequence_parallel)
-    optimizer = build_optimizer(model, cfg.optim, dims, zero1=cfg.parallel.zero1)
-    out = train_step(model, optimizer, micro_batches, dims, lr)   # {loss, grad_norm, num_tokens, skipped}
-    out = eval_step(model, micro_batches, dims)                   # {loss, accuracy, num_tokens}
+    optimizer = build_optimizer(model, cfg.optim, dims)
+    out = train_step(model, optimizer, micro_batches, dims, lr)   # StepResult(loss, grad_norm, num_tokens, skipped)
+    out = eval_step(model, micro_batches, dims)                   # EvalResult(loss, accuracy, num_tokens)
 
 `micro_batches` is this data-parallel rank's list of micro-batch dicts of (B, S) int64 tensors:
 input_ids, labels (-100 where nothing is predicted), segment_ids (0 = padding), position_ids (and
@@ -26,7 +26,7 @@ clipping (optim.clip_grad). The optimizer's `.zero_grad()` and `.step(lr)` (retu
 used directly; train_step calls both.
 
 Checkpoints in any layout (full names are those of the single-process Encoder; a tied decoder is
-known as embeddings.tok.weight):
+known by the embedding's name, models.encoder.TIED_EMBEDDING):
 
     model.sharded_state_dict()       {full name: [ShardedPiece(name, tensor, global_shape, offsets,
                                       primary)]}: views of the local parameters; a parameter is one
@@ -50,10 +50,11 @@ from megatron_jp.parallel.memory import estimate_memory, memory_breakdown
 from megatron_jp.parallel.model import ParallelModel, build_parallel_model
 from megatron_jp.parallel.optimizer import DistributedOptimizer, build_optimizer
 from megatron_jp.parallel.sharding import ShardedPiece, assemble_full
-from megatron_jp.parallel.step import eval_step, train_step
+from megatron_jp.parallel.step import EvalResult, StepResult, eval_step, train_step
 
 __all__ = [
     "ParallelDims", "init_process_group", "launch_env", "rank_grid",
     "build_parallel_model", "ParallelModel", "build_optimizer", "DistributedOptimizer",
-    "train_step", "eval_step", "estimate_memory", "memory_breakdown", "ShardedPiece", "assemble_full",
+    "train_step", "eval_step", "StepResult", "EvalResult", "estimate_memory", "memory_breakdown",
+    "ShardedPiece", "assemble_full",
 ]

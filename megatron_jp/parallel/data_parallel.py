@@ -77,11 +77,11 @@ class GradBuffers:
     """The buckets of one model replica's local parameters, and the data-parallel gradient sync."""
 
     def __init__(self, root: nn.Module, infos: list[ParamInfo], dims: ParallelDims, device, dtype,
-                 bucket_size: int = DEFAULT_BUCKET_SIZE):
+                 zero1: bool = False, bucket_size: int = DEFAULT_BUCKET_SIZE):
         self.infos, self.dims = infos, dims
         self.buckets = [Bucket(p, device, dtype) for p in plan_buckets(infos, dims.dp, bucket_size)]
         self.bucket_of: dict[int, Bucket] = {}
-        self.shard_grads = False  # ZeRO-1: set by the optimizer
+        self.shard_grads = zero1 and dims.dp > 1  # ZeRO-1: each rank keeps (and updates) 1/dp of a bucket
         self.sync_enabled = set()  # chunks whose current backward is their last of the step
         self.finished = False
         self._rehome(root)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_jp.config import Config, ConfigError, data_parallel_size, validate
+from megatron_jp.config import Config, ConfigError, data_parallel_size
 
 
 @dataclass
@@ -93,19 +93,15 @@ class ParallelDims:
     @classmethod
     def layout(cls, tp: int, pp: int, dp: int, vpp: int = 1, rank: int = 0, device="cpu") -> "ParallelDims":
         """Coordinates without process groups: for counting, estimating and single-process runs."""
-        _check_sizes(tp, pp, dp, vpp)
-        if not 0 <= rank < tp * pp * dp:
-            raise ConfigError(f"rank {rank} is outside a world of {tp * pp * dp} ranks")
         return cls(tp=tp, pp=pp, dp=dp, vpp=vpp, rank=rank, device=torch.device(device))
 
     @classmethod
     def from_config(cls, cfg: Config, world_size: int, rank: int, device="cpu") -> "ParallelDims":
-        """Validate the layout of `cfg` for `world_size` ranks, then create every group.
+        """The layout of a validated `cfg` for `world_size` ranks, with every group created.
 
         Must be called by every rank in the same order (torch.distributed.new_group is collective).
         A world of one needs no initialised process group.
         """
-        validate(cfg, world_size)  # refuses impossible layouts before any group exists
         p = cfg.parallel
         dims = cls.layout(p.tensor, p.pipeline, data_parallel_size(cfg, world_size), p.virtual_pipeline,
                           rank, device)
@@ -129,6 +125,9 @@ class ParallelDims:
         if self.pp > 1:
             ends = [grid[[0, -1], j, k] for j in range(self.dp) for k in range(self.tp)]
             self.embedding_group = _new_groups(ends, self.rank)
+            # NCCL creates a group's communicator at its first use, with every rank of the group; the
+            # pipeline's first p2p batch involves only two stages, so one collective comes first
+            dist.all_reduce(torch.zeros(1, device=self.device), group=self.pp_group)
         self.world_group = dist.group.WORLD
         self.pp_ranks = tuple(int(r) for r in grid[:, d, t])
 
@@ -141,12 +140,6 @@ class ParallelDims:
 def rank_grid(pp: int, dp: int, tp: int) -> np.ndarray:
     """The one rank grid: rank = (pp_rank * dp + dp_rank) * tp + tp_rank."""
     return np.arange(pp * dp * tp).reshape(pp, dp, tp)
-
-
-def _check_sizes(tp, pp, dp, vpp):
-    for name, value in (("tensor", tp), ("pipeline", pp), ("data", dp), ("virtual_pipeline", vpp)):
-        if value < 1:
-            raise ConfigError(f"parallel.{name} must be >= 1, got {value}")
 
 
 def _new_groups(rank_lists, rank: int):

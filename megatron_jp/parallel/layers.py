@@ -1,5 +1,5 @@
-"""Tensor-parallel layers with local shapes: column/row-parallel linears, the vocabulary-parallel
-embedding and the vocabulary-parallel cross-entropy.
+"""Tensor-parallel layers with local shapes: column/row-parallel linears, the fused QKV projection of
+a rank's heads and the vocabulary-parallel embedding (the vocabulary-parallel loss is in loss.py).
 
 The layers know only their local shard and their group; which rows of the full weight a shard holds
 is recorded separately (parallel/sharding.py), so a fused [gate; up] or [q; k; v] weight is sharded
@@ -10,12 +10,12 @@ nn.Embedding, so full names (checkpoints, initialisation seeds) do not change.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_jp.parallel.mappings import (all_reduce, copy_to_tensor_parallel_region,
-                                           gather_from_sequence_parallel_region, group_size,
+from megatron_jp.config import ModelConfig
+from megatron_jp.models.encoder import QKVProjection
+from megatron_jp.parallel.mappings import (copy_to_tensor_parallel_region, gather_from_sequence_parallel_region,
                                            reduce_from_tensor_parallel_region,
                                            reduce_scatter_to_sequence_parallel_region)
 
@@ -60,6 +60,20 @@ class RowParallelLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class ColumnParallelQKV(QKVProjection):
+    """The fused q/k/v projection of this rank's heads: its weight holds the rank's rows of [q; k; v]
+    (tensor_parallel.qkv_pieces), so the inherited forward projects, adds the bias, splits and
+    rotates just those heads. Query heads are split evenly; key/value heads too, or, with more ranks
+    than KV heads, each rank keeps the one KV head its query heads attend with."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, tp_size: int, group, sequence_parallel: bool = False):
+        super().__init__(cfg, layer, cfg.num_heads // tp_size, max(cfg.n_kv_heads // tp_size, 1))
+        self.group, self.sequence_parallel = group, sequence_parallel
+
+    def forward(self, x, positions):
+        return super().forward(column_parallel_input(x, self.group, self.sequence_parallel), positions)
+
+
 def column_parallel_input(x, group, sequence_parallel: bool):
     """What enters a column-parallel matmul: f, or the sequence all-gather of sequence parallelism."""
     if sequence_parallel:
@@ -82,60 +96,3 @@ class VocabParallelEmbedding(nn.Module):
         h = F.embedding(local.masked_fill(outside, 0), self.weight)  # (B, S, H)
         h = h.masked_fill(outside.unsqueeze(-1), 0.0)
         return reduce_from_tensor_parallel_region(h, self.group)
-
-
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Cross-entropy of logits split over the vocabulary, in fp32, without gathering the vocabulary:
-    three reductions of (N,) vectors (max, target logit, sum of exponentials) replace the all-gather
-    of (N, V)."""
-
-    @staticmethod
-    def forward(ctx, logits, targets, vocab_start, group):
-        ctx.logits_dtype = logits.dtype
-        logits = logits.float()
-        logits_max = logits.max(dim=-1).values
-        if group_size(group) > 1:
-            dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
-        shifted = logits - logits_max.unsqueeze(-1)  # (N, V_local)
-        local, inside = _local_targets(targets, vocab_start, logits.shape[-1])
-        target_logit = shifted.gather(1, local.unsqueeze(1)).squeeze(1) * inside
-        exp = shifted.exp()
-        both = all_reduce(torch.stack([target_logit, exp.sum(dim=-1)]), group)
-        loss = both[1].log() - both[0]  # (N,)
-        ctx.save_for_backward(exp.div_(both[1].unsqueeze(-1)), local, inside)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        softmax, local, inside = ctx.saved_tensors
-        grad = softmax  # d loss / d logit = softmax - one_hot(target), per token
-        grad[torch.arange(grad.shape[0], device=grad.device), local] -= inside.to(grad.dtype)
-        grad.mul_(grad_loss.unsqueeze(-1))
-        return grad.to(ctx.logits_dtype), None, None, None
-
-
-def _local_targets(targets, vocab_start: int, rows: int):
-    local = targets - vocab_start
-    inside = (local >= 0) & (local < rows)
-    return local.masked_fill(~inside, 0), inside.float()
-
-
-def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, group):
-    """Per-token cross-entropy (N,) in fp32 of logits (N, V_local) holding vocabulary rows
-    [vocab_start, vocab_start + V_local); every rank of the group gets the same losses."""
-    return _VocabParallelCrossEntropy.apply(logits, targets, vocab_start, group)
-
-
-def vocab_parallel_argmax(logits: torch.Tensor, vocab_start: int, group) -> torch.Tensor:
-    """Global vocabulary id of the largest logit (N,), from logits split over the vocabulary."""
-    value, index = logits.float().max(dim=-1)
-    index = index + vocab_start
-    size = group_size(group)
-    if size == 1:
-        return index
-    values = [torch.empty_like(value) for _ in range(size)]
-    indices = [torch.empty_like(index) for _ in range(size)]
-    dist.all_gather(values, value, group=group)
-    dist.all_gather(indices, index, group=group)
-    best = torch.stack(values).argmax(dim=0)  # first maximum: the lowest id, as torch.argmax
-    return torch.stack(indices).gather(0, best.unsqueeze(0)).squeeze(0)

@@ -12,7 +12,7 @@ Activations are not included.
 
 from __future__ import annotations
 
-from megatron_jp.config import Config, data_parallel_size, validate
+from megatron_jp.config import Config, data_parallel_size
 from megatron_jp.parallel.data_parallel import DEFAULT_BUCKET_SIZE, plan_buckets
 from megatron_jp.parallel.dims import ParallelDims
 from megatron_jp.parallel.model import DTYPES, build_parallel_model
@@ -20,8 +20,7 @@ from megatron_jp.parallel.model import DTYPES, build_parallel_model
 
 def memory_breakdown(cfg: Config, world_size: int, bucket_size: int = DEFAULT_BUCKET_SIZE) -> list[dict]:
     """One dict per pipeline stage (bytes of params, grads, optimizer, total) for its first tensor-
-    and data-parallel rank; other ranks of a stage hold the same amounts."""
-    validate(cfg, world_size)
+    and data-parallel rank of a validated config; other ranks of a stage hold the same amounts."""
     p = cfg.parallel
     dp = data_parallel_size(cfg, world_size)
     stages = []
@@ -29,7 +28,7 @@ def memory_breakdown(cfg: Config, world_size: int, bucket_size: int = DEFAULT_BU
         rank = stage * dp * p.tensor  # grid coordinates (stage, 0, 0)
         dims = ParallelDims.layout(p.tensor, p.pipeline, dp, p.virtual_pipeline, rank)
         model = build_parallel_model(cfg.model, dims, device="meta", precision=cfg.train.precision,
-                                     sequence_parallel=p.sequence_parallel)
+                                     sequence_parallel=p.sequence_parallel, zero1=p.zero1)
         numel = sum(b.numel for b in plan_buckets(model.infos, dp, bucket_size))
         owned = numel // dp if p.zero1 and dp > 1 else numel
         param_bytes = DTYPES[cfg.train.precision].itemsize

@@ -10,24 +10,24 @@ local shard is cut out of it, so every layout starts from the single-process wei
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from megatron_jp.config import ConfigError, ModelConfig, validate_model_parallel
-from megatron_jp.models.encoder import Encoder, MLMOutput, build_encoder, init_weights
+from megatron_jp.config import ModelConfig
+from megatron_jp.models.attention import AttentionContext, resolve_backend
+from megatron_jp.models.encoder import (TIED_DECODER, TIED_EMBEDDING, Encoder, MLMOutput, build_encoder,
+                                        init_weights, tie)
+from megatron_jp.parallel.adamw import decays
 from megatron_jp.parallel.data_parallel import DEFAULT_BUCKET_SIZE, GradBuffers
 from megatron_jp.parallel.dims import ParallelDims
+from megatron_jp.parallel.pipeline import stage_chunk
+from megatron_jp.parallel.recompute import apply_recompute
 from megatron_jp.parallel.sharding import GradReduction, ParamInfo, ShardSpec, sharded_pieces
 from megatron_jp.parallel.tensor_parallel import TPContext, TPPlan, parallelize_chunk
-from megatron_jp.training.optim import decays
 
-TIED = "embeddings.tok.weight"  # the full name a tied decoder weight is known by (init, checkpoints)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-RECOMPUTE = ("none", "selective", "full")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # train.precision -> parameter dtype
 
 
 class ParallelModel(nn.Module):
@@ -44,7 +44,6 @@ class ParallelModel(nn.Module):
         self.chunks = nn.ModuleList(chunks)
         self.sequence_parallel, self.dtype = sequence_parallel, dtype
         self.grad_buffers: GradBuffers | None = None
-        self._p2p_ready = False  # pipeline communicators created (parallel/pipeline.py)
 
     def global_chunk(self, v: int) -> int:
         return v * self.dims.pp + self.dims.pp_rank
@@ -59,13 +58,32 @@ class ParallelModel(nn.Module):
     def vocab_start(self) -> int:
         return self.dims.tp_rank * (self.cfg.vocab_size // self.dims.tp)
 
-    def forward_chunk(self, v: int, batch: dict, hidden: torch.Tensor | None = None) -> MLMOutput:
+    def attention_context(self, batch: dict) -> AttentionContext:
+        """The micro-batch's attention layout, built once and shared by every chunk and layer."""
+        varlen = (batch["cu_seqlens"], batch["max_seqlen"]) if "cu_seqlens" in batch else None
+        return self.chunks[0].attention_context(batch["input_ids"], batch.get("segment_ids"),
+                                                batch.get("position_ids"), varlen)
+
+    @property
+    def uses_varlen(self) -> bool:
+        """Whether attention runs varlen_attn, whose document boundaries the step makes on the host."""
+        return resolve_backend(self.cfg.attention_backend, self.dims.device) == "varlen" and not (
+            self.training and self.cfg.attention_dropout)
+
+    def forward_chunk(self, v: int, batch: dict, ctx: AttentionContext,
+                      hidden: torch.Tensor | None = None) -> MLMOutput:
         """Run chunk v on a micro-batch; `hidden` is the previous chunk's output (None on the first).
         Every chunk reads the micro-batch's ids, segments and positions itself: only hidden states
-        travel between stages. The last chunk returns logits (N, V/tp) at the predicted positions."""
+        travel between stages. The last chunk returns the decoder's input features (N, H) at the
+        batch's `predicted` positions, and their targets: the loss fuses the decoder (parallel/loss.py)."""
         return self.chunks[v](batch["input_ids"], labels=batch.get("labels"), segment_ids=batch.get("segment_ids"),
                               position_ids=batch.get("position_ids"), token_type_ids=batch.get("token_type_ids"),
-                              hidden_states=hidden)
+                              hidden_states=hidden, ctx=ctx, predicted=batch.get("predicted"), logits=False)
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The (vocabulary-parallel) decoder of the last chunk, on the last pipeline stage."""
+        return self.chunks[-1].head.decoder
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("a ParallelModel runs through train_step/eval_step (parallel.step), "
@@ -105,9 +123,7 @@ class ParallelModel(nn.Module):
                 dist.reduce(full, dst=0, group=self.dims.world_group)
             if self.dims.rank == 0:
                 out[name] = full.cpu()
-        if self.dims.rank == 0 and self.cfg.tie_embeddings:
-            out["head.decoder.weight"] = out[TIED]
-        return out
+        return tie(out, self.cfg) if self.dims.rank == 0 else out
 
     @torch.no_grad()
     def load_full_state_dict(self, state: dict[str, torch.Tensor]):
@@ -122,23 +138,6 @@ def full_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {n: tuple(p.shape) for n, p in build_encoder(cfg, device="meta").named_parameters()}
 
 
-def make_chunk(cfg: ModelConfig, dims: ParallelDims, v: int) -> Encoder:
-    """Global chunk v * pp + pp_rank as a meta-device Encoder holding only its layers."""
-    chunks = dims.pp * dims.vpp
-    g = v * dims.pp + dims.pp_rank
-    per = cfg.num_layers // chunks
-    with torch.device("meta"):
-        chunk = Encoder(cfg)
-    for key in list(chunk.layers.keys()):
-        if not g * per <= int(key) < (g + 1) * per:
-            del chunk.layers[key]
-    if g != 0:
-        chunk.embeddings = None
-    if g != chunks - 1:
-        chunk.final_norm, chunk.head = None, None
-    return chunk
-
-
 def describe_params(model: ParallelModel, plans: list[dict[str, TPPlan]]) -> list[ParamInfo]:
     """One ParamInfo per local parameter, with its full name, shard layout and extra reductions."""
     cfg, dims = model.cfg, model.dims
@@ -146,11 +145,11 @@ def describe_params(model: ParallelModel, plans: list[dict[str, TPPlan]]) -> lis
     infos = []
     for v, chunk in enumerate(model.chunks):
         for name, param in chunk.named_parameters():
-            full_name = TIED if cfg.tie_embeddings and name == "head.decoder.weight" else name
+            full_name = TIED_EMBEDDING if cfg.tie_embeddings and name == TIED_DECODER else name
             spec, reductions = _spec(full_name, shapes[full_name], plans[v].get(name), dims.tp_rank)
-            if full_name == TIED and cfg.tie_embeddings and dims.pp > 1:
+            if full_name == TIED_EMBEDDING and cfg.tie_embeddings and dims.pp > 1:
                 reductions += (GradReduction("embedding"),)
-                if name != TIED:  # the last stage's copy: the first stage owns it
+                if name != TIED_EMBEDDING:  # the last stage's copy: the first stage owns it
                     pieces = tuple(dataclasses.replace(p, unique=False) for p in spec.pieces)
                     spec = dataclasses.replace(spec, pieces=pieces)
             infos.append(ParamInfo(param, v, name, spec, reductions, decays(param)))
@@ -188,46 +187,23 @@ def initialise(infos: list[ParamInfo], cfg: ModelConfig, seed: int):
         info.param.data.copy_(info.spec.take(full))
 
 
-def apply_recompute(chunk: Encoder, mode: str):
-    """Activation recomputation from outside: "full" checkpoints whole blocks, "selective" only core
-    attention (the S x S scores: most activation memory, little compute). Instance attributes shadow
-    the methods, so parameter names do not change."""
-    for block in chunk.layers.values():
-        if mode == "full":
-            block.forward = functools.partial(_checkpointed, block.forward)
-        elif mode == "selective":
-            block.attn.core_attention = functools.partial(_checkpointed, block.attn.core_attention)
-
-
-def _checkpointed(fn, *args):
-    return checkpoint(fn, *args, use_reentrant=False)
-
-
-def check_model_layout(cfg: ModelConfig, dims: ParallelDims, precision: str, recompute: str):
-    validate_model_parallel(cfg, dims.tp, dims.pp, dims.vpp)
-    if precision not in DTYPES:
-        raise ConfigError(f"precision {precision!r}; choose one of {', '.join(DTYPES)}")
-    if recompute not in RECOMPUTE:
-        raise ConfigError(f"recompute {recompute!r}; choose one of {', '.join(RECOMPUTE)}")
-    if cfg.vocab_size <= 0:
-        raise ConfigError("model.vocab_size must be resolved (from the tokenizer) before building the model")
-
-
 def build_parallel_model(cfg: ModelConfig, dims: ParallelDims, seed: int = 0, device=None, precision: str = "fp32",
-                         recompute: str = "none", sequence_parallel: bool = False,
+                         recompute: str = "none", sequence_parallel: bool = False, zero1: bool = False,
                          bucket_size: int = DEFAULT_BUCKET_SIZE) -> ParallelModel:
-    """This rank's chunks, initialised as the single-process model and sharded. On device "meta"
-    only the structure and the parameter layout exist (memory estimates)."""
-    check_model_layout(cfg, dims, precision, recompute)
+    """This rank's chunks, initialised as the single-process model and sharded; takes validated
+    values (config.validate). zero1 shards the gradient sums (and the optimizer built on the model)
+    over data-parallel ranks. On device "meta" only the structure and the parameter layout exist
+    (memory estimates)."""
     device = torch.device(device) if device is not None else dims.device
     tp = TPContext(dims.tp_rank, dims.tp, dims.tp_group, sequence_parallel and dims.tp > 1)
-    chunks = [make_chunk(cfg, dims, v) for v in range(dims.vpp)]
-    plans = [parallelize_chunk(chunk, cfg, tp) for chunk in chunks]
+    with torch.device("meta"):  # the parallel modules too: values come only after bucketing
+        chunks = [stage_chunk(cfg, dims, v) for v in range(dims.vpp)]
+        plans = [parallelize_chunk(chunk, cfg, tp) for chunk in chunks]
     model = ParallelModel(cfg, dims, chunks, [], tp.sequence_parallel, DTYPES[precision])
     model.infos = describe_params(model, plans)
     if device.type == "meta":
         return model
-    model.grad_buffers = GradBuffers(model, model.infos, dims, device, DTYPES[precision], bucket_size)
+    model.grad_buffers = GradBuffers(model, model.infos, dims, device, DTYPES[precision], zero1, bucket_size)
     initialise(model.infos, cfg, seed)
     model.grad_buffers.register_hooks()
     for chunk in chunks:

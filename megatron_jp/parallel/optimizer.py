@@ -27,7 +27,7 @@ from megatron_jp.config import OptimConfig
 from megatron_jp.parallel.dims import ParallelDims
 from megatron_jp.parallel.mappings import all_gather_single
 from megatron_jp.parallel.sharding import local_from_pieces, sharded_pieces
-from megatron_jp.training.optim import adamw_update_, clip_coefficient
+from megatron_jp.parallel.adamw import adamw_update_, clip_coefficient
 
 STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
 
@@ -63,11 +63,10 @@ class DistributedOptimizer:
     """AdamW with decoupled weight decay (not on norms and biases), global gradient-norm clipping
     and optional ZeRO-1 sharding over data-parallel ranks."""
 
-    def __init__(self, model, cfg: OptimConfig, dims: ParallelDims, zero1: bool = False):
+    def __init__(self, model, cfg: OptimConfig, dims: ParallelDims):
         self.model, self.cfg, self.dims = model, cfg, dims
         self.buffers = model.grad_buffers
-        self.zero1 = zero1 and dims.dp > 1
-        self.buffers.shard_grads = self.zero1
+        self.zero1 = self.buffers.shard_grads  # the model was built with ZeRO-1 gradient buckets
         self.step_count = 0
         self.shards = [self._make_shard(bucket) for bucket in self.buffers.buckets]
 
@@ -88,44 +87,48 @@ class DistributedOptimizer:
         self.buffers.zero_grad()
 
     @torch.no_grad()
-    def grad_norm(self) -> float:
-        """The global L2 norm of the gradient (every element counted once, see the module doc)."""
-        device = self.buffers.buckets[0].grads.device if self.buffers.buckets else self.dims.device
-        squares = torch.zeros((), dtype=torch.float64, device=device)
-        for shard in self.shards:
-            for s, e in shard.norm_ranges:
-                squares += shard.grads[s:e].double().square().sum()
+    def grad_norm_squared(self) -> torch.Tensor:
+        """The square of the global L2 norm of the gradient, on the device (every element counted
+        once, see the module doc): one multi-tensor norm over every range this rank counts."""
+        views = [shard.grads[s:e] for shard in self.shards for s, e in shard.norm_ranges]
+        device = views[0].device if views else self.dims.device
+        norms = torch._foreach_norm(views) if views else []
+        squares = torch.stack(norms).double().square().sum() if norms else torch.zeros((), dtype=torch.float64,
+                                                                                        device=device)
         group = self.dims.world_group if self.zero1 else self.dims.mp_group
         if group is not None:
             dist.all_reduce(squares, group=group)
-        return math.sqrt(squares.item())
+        return squares
 
     @torch.no_grad()
-    def step(self, lr: float, skip: bool = False) -> float:
-        """Finish the gradient sums, clip to optim.clip_grad, update; returns the norm before clipping.
+    def step(self, lr: float, loss: torch.Tensor | None = None, *extra: torch.Tensor) -> tuple[float, ...]:
+        """Finish the gradient sums, clip to optim.clip_grad, update.
 
-        A non-finite norm, or skip=True (the caller saw a non-finite loss), leaves parameters and
-        optimizer state untouched: the step is skipped, as in Megatron, not applied with NaNs.
+        Returns (norm before clipping, loss, *extra) as floats, read from the device together: the
+        step's one synchronisation. A non-finite norm or loss leaves parameters and optimizer state
+        untouched: the step is skipped, as in Megatron, not applied with NaNs.
         """
         self.buffers.finish()
-        norm = self.grad_norm()
-        if skip or not math.isfinite(norm):
-            return norm
+        also = [t.reshape(()).double() for t in ((loss,) if loss is not None else ()) + extra]
+        squares, *values = torch.stack([self.grad_norm_squared(), *also]).tolist()
+        norm = math.sqrt(squares) if squares >= 0 else float("nan")
+        if not math.isfinite(norm) or (loss is not None and not math.isfinite(values[0])):
+            return (norm, *values)
         coef = clip_coefficient(norm, self.cfg.clip_grad)
         self.step_count += 1
-        for shard in self.shards:
-            self._update(shard, lr, coef)
+        self._update(lr, coef)
         self._publish()
-        return norm
+        return (norm, *values)
 
-    def _update(self, shard: Shard, lr: float, coef: float):
-        grads = shard.grads
+    def _update(self, lr: float, coef: float):
         if coef < 1.0:
-            grads.mul_(coef)
-        for s, e in shard.decay_ranges:
-            shard.master[s:e].mul_(1 - lr * self.cfg.weight_decay)
-        adamw_update_(shard.master, grads, shard.exp_avg, shard.exp_avg_sq, step=self.step_count, lr=lr,
-                      beta1=self.cfg.beta1, beta2=self.cfg.beta2, eps=self.cfg.eps)
+            torch._foreach_mul_([s.grads for s in self.shards], coef)
+        for shard in self.shards:
+            for s, e in shard.decay_ranges:
+                shard.master[s:e].mul_(1 - lr * self.cfg.weight_decay)
+        adamw_update_([s.master for s in self.shards], [s.grads for s in self.shards],
+                      [s.exp_avg for s in self.shards], [s.exp_avg_sq for s in self.shards], step=self.step_count,
+                      lr=lr, beta1=self.cfg.beta1, beta2=self.cfg.beta2, eps=self.cfg.eps)
 
     def _publish(self):
         """Master weights -> parameters (rounded to their dtype), then all-gather the ZeRO-1 slices."""
@@ -203,6 +206,7 @@ class DistributedOptimizer:
         self._publish()
 
 
-def build_optimizer(model, cfg: OptimConfig, dims: ParallelDims, zero1: bool = False) -> DistributedOptimizer:
-    """AdamW for a ParallelModel: .zero_grad(), .step(lr) -> grad norm, state dicts (see the class)."""
-    return DistributedOptimizer(model, cfg, dims, zero1)
+def build_optimizer(model, cfg: OptimConfig, dims: ParallelDims) -> DistributedOptimizer:
+    """AdamW for a ParallelModel (ZeRO-1 when the model was built with zero1=True): .zero_grad(),
+    .step(lr) -> grad norm, state dicts (see the class)."""
+    return DistributedOptimizer(model, cfg, dims)

@@ -1,5 +1,5 @@
-"""Pipeline parallelism: schedules (1F1B, interleaved 1F1B), their communication plan, and the
-executor that runs one rank's program.
+"""Pipeline parallelism: the slice of the model a stage holds, the schedules (1F1B, interleaved
+1F1B), their communication plan, and the executor that runs one rank's program.
 
 Global chunk g = v * pp + p lives on pipeline rank p as its virtual chunk v (Megatron's interleaved
 assignment; vpp = 1 is plain 1F1B). A schedule is each rank's order of compute actions
@@ -21,7 +21,26 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from megatron_jp.config import ConfigError
+from megatron_jp.config import ConfigError, ModelConfig
+from megatron_jp.models.encoder import Encoder
+
+
+def stage_chunk(cfg: ModelConfig, dims, v: int) -> Encoder:
+    """Global chunk v * pp + pp_rank as a meta-device Encoder holding only its layers: the embedding
+    stays on the first chunk, the final norm and head on the last; the others pass hidden states."""
+    chunks = dims.pp * dims.vpp
+    g = v * dims.pp + dims.pp_rank
+    per = cfg.num_layers // chunks
+    with torch.device("meta"):
+        chunk = Encoder(cfg)
+    for key in list(chunk.layers.keys()):
+        if not g * per <= int(key) < (g + 1) * per:
+            del chunk.layers[key]
+    if g != 0:
+        chunk.embeddings = None
+    if g != chunks - 1:
+        chunk.final_norm, chunk.head = None, None
+    return chunk
 
 
 @dataclass(frozen=True)
@@ -166,22 +185,12 @@ class PipelineRun:
         self.last_backward = {a.chunk: i for i, s in enumerate(self.program) if (a := s.action) and a.kind == "B"}
 
     def run(self):
-        self._warm_up()
         for index, step in enumerate(self.program):
             outgoing = None
             if step.action is not None:
                 outgoing = self._compute(step.action, index)
             self._exchange(step, outgoing)
         assert not self.outputs and not self.received, "pipeline finished with unconsumed tensors"
-
-    def _warm_up(self):
-        """NCCL creates a group's communicator on its first use, with every rank of the group; the
-        first p2p batch involves only two stages, so one collective over the pipeline group comes
-        first (once per model)."""
-        dims = self.model.dims
-        if dims.pp_group is not None and not self.model._p2p_ready:
-            dist.all_reduce(torch.zeros(1, device=dims.device), group=dims.pp_group)
-            self.model._p2p_ready = True
 
     def _compute(self, action: Action, index: int):
         if action.kind == "F":

@@ -5,23 +5,70 @@ cross-entropies over all predicted tokens of the global batch divided by their n
 counts the predicted tokens of its micro-batches, the count is summed over data-parallel ranks, and
 each micro-batch's summed loss is divided by that total before backward; gradients are then summed
 (not averaged) over data-parallel ranks.
+
+Nothing in a step waits for the device until its end: what depends on the data (which positions
+are predicted, how many, the documents' boundaries for varlen attention) is computed on the host
+from the loader's CPU tensors before they are copied (pinned, non-blocking); the token total stays
+a device tensor; the loss and the gradient norm come back together in one transfer.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from megatron_jp.models.attention import varlen_boundaries
 from megatron_jp.models.encoder import IGNORE_INDEX
 from megatron_jp.parallel.dims import ParallelDims
-from megatron_jp.parallel.layers import vocab_parallel_argmax, vocab_parallel_cross_entropy
+from megatron_jp.parallel.loss import linear_cross_entropy, linear_cross_entropy_eval
 from megatron_jp.parallel.pipeline import run_pipeline
 
+PREDICTED_BUCKET = 256  # prediction indices are padded to a multiple: few distinct shapes per run
 
-def _to_device(micro_batches: list[dict], device) -> list[dict]:
-    return [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in micro_batches]
+
+@dataclass(frozen=True)
+class StepResult:
+    """One optimizer step, identical on every rank."""
+
+    loss: float  # global mean cross-entropy over the predicted tokens of the batch
+    grad_norm: float  # global L2 norm before clipping
+    num_tokens: int  # predicted tokens in the global batch
+    skipped: bool  # a NaN/inf loss or norm: nothing was updated
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float  # mean cross-entropy over the predicted tokens
+    accuracy: float  # of the argmax prediction
+    num_tokens: int
+
+
+def on_host(batch: dict, varlen: bool) -> tuple[dict, int]:
+    """A CPU micro-batch plus what the step derives from it: `predicted`, the flat positions whose
+    labels are set, padded to a multiple of PREDICTED_BUCKET with a position whose label is
+    IGNORE_INDEX (padding counts for nothing in the loss); with varlen attention `cu_seqlens` and
+    `max_seqlen`. Returns (batch, number of predicted tokens)."""
+    flat = batch["labels"].reshape(-1)
+    ignored = flat == IGNORE_INDEX
+    index = torch.nonzero(~ignored).reshape(-1)
+    count = index.numel()
+    padding = -(-max(count, 1) // PREDICTED_BUCKET) * PREDICTED_BUCKET - count
+    spare = torch.nonzero(ignored)[:1].reshape(-1)
+    if padding and spare.numel():  # (every token predicted: no spare position, no padding)
+        index = torch.cat([index, spare.expand(padding)])
+    out = {**batch, "predicted": index}
+    if varlen:
+        out["cu_seqlens"], out["max_seqlen"] = varlen_boundaries(batch["segment_ids"])
+    return out, count
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    if device.type != "cuda":
+        return batch
+    return {k: v.pin_memory().to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def _sum(value: torch.Tensor, *groups) -> torch.Tensor:
@@ -31,69 +78,68 @@ def _sum(value: torch.Tensor, *groups) -> torch.Tensor:
     return value
 
 
-def count_predicted(micro_batches: list[dict], dims: ParallelDims) -> int:
-    """Predicted tokens of the global batch: local micro-batches, summed over data-parallel ranks."""
-    local = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches)
-    total = torch.tensor(local, dtype=torch.int64, device=dims.device)
-    return int(_sum(total, dims.dp_group).item())
+def prepare(model, micro_batches: list[dict], dims: ParallelDims) -> tuple[list[dict], torch.Tensor]:
+    """Device micro-batches and the global number of predicted tokens (a device tensor: no wait)."""
+    prepared = [on_host(b, model.uses_varlen) for b in micro_batches]
+    local = sum(count for _, count in prepared)
+    total = _sum(torch.full((), float(local), dtype=torch.float64, device=dims.device), dims.dp_group)
+    return [_to_device(b, dims.device) for b, _ in prepared], total
 
 
-def token_losses(model, output) -> torch.Tensor:
-    """Cross-entropy (N,) of the last chunk's vocabulary-parallel logits, fp32."""
-    return vocab_parallel_cross_entropy(output.logits, output.targets, model.vocab_start, model.dims.tp_group)
+def micro_batch_loss(model, output) -> torch.Tensor:
+    """Summed cross-entropy of the last chunk's predicted tokens, the decoder fused in."""
+    decoder = model.decoder
+    return linear_cross_entropy(output.features, decoder.weight, decoder.bias, output.targets, model.vocab_start,
+                                model.dims.tp_group)
 
 
-def train_step(model, optimizer, micro_batches: list[dict], dims: ParallelDims, lr: float) -> dict:
-    """Forward and backward over every micro-batch (pipelined), gradient sync, clipping, AdamW.
-
-    Returns loss (global mean over predicted tokens), grad_norm (before clipping), num_tokens
-    (predicted tokens in the global batch) and skipped (a NaN/inf loss or norm: nothing was
-    updated), identical on every rank.
-    """
+def train_step(model, optimizer, micro_batches: list[dict], dims: ParallelDims, lr: float) -> StepResult:
+    """Forward and backward over every micro-batch (pipelined), gradient sync, clipping, AdamW."""
     model.train()
-    batches = _to_device(micro_batches, dims.device)
+    batches, total = prepare(model, micro_batches, dims)
     optimizer.zero_grad()
-    total = count_predicted(batches, dims)
-    scale = 1.0 / max(total, 1)
-    losses = []
+    scale = 1.0 / total.clamp(min=1).float()
+    contexts, losses = {}, []
 
     def forward_step(v, m, hidden):
-        output = model.forward_chunk(v, batches[m], hidden)
+        ctx = contexts.setdefault(m, model.attention_context(batches[m]))
+        output = model.forward_chunk(v, batches[m], ctx, hidden)
         if not model.is_last_chunk(v):
             return output.hidden
-        loss = token_losses(model, output).sum() * scale  # this micro-batch's share of the step loss
+        loss = micro_batch_loss(model, output) * scale  # this micro-batch's share of the step loss
         losses.append(loss.detach())
         return loss
 
     run_pipeline(model, batches, forward_step, train=True)
     loss = torch.stack(losses).sum() if losses else torch.zeros((), device=dims.device)
-    loss = _sum(loss.double(), dims.pp_group, dims.dp_group).item()  # only last stages hold losses
-    grad_norm = optimizer.step(lr, skip=not math.isfinite(loss))
-    return {"loss": loss, "grad_norm": grad_norm, "num_tokens": total,
-            "skipped": not (math.isfinite(loss) and math.isfinite(grad_norm))}
+    loss = _sum(loss.double(), dims.pp_group, dims.dp_group)  # only last stages hold losses
+    grad_norm, loss, tokens = optimizer.step(lr, loss, total)
+    return StepResult(loss, grad_norm, int(tokens), skipped=not (math.isfinite(loss) and math.isfinite(grad_norm)))
 
 
 @torch.no_grad()
-def eval_step(model, micro_batches: list[dict], dims: ParallelDims) -> dict:
-    """Forward only: loss (mean over predicted tokens), accuracy of the argmax prediction, num_tokens."""
+def eval_step(model, micro_batches: list[dict], dims: ParallelDims) -> EvalResult:
+    """Forward only over every micro-batch (pipelined)."""
     was_training = model.training
     model.eval()
-    batches = _to_device(micro_batches, dims.device)
-    stats = torch.zeros(3, dtype=torch.float64, device=dims.device)  # loss sum, correct, tokens
+    batches, total = prepare(model, micro_batches, dims)
+    stats = torch.zeros(2, dtype=torch.float64, device=dims.device)  # loss sum, correct
+    contexts = {}
 
     def forward_step(v, m, hidden):
-        output = model.forward_chunk(v, batches[m], hidden)
+        ctx = contexts.setdefault(m, model.attention_context(batches[m]))
+        output = model.forward_chunk(v, batches[m], ctx, hidden)
         if not model.is_last_chunk(v):
             return output.hidden
-        predicted = vocab_parallel_argmax(output.logits, model.vocab_start, dims.tp_group)
-        stats[0] += token_losses(model, output).sum().double()
-        stats[1] += (predicted == output.targets).sum()
-        stats[2] += output.targets.numel()
+        decoder = model.decoder
+        loss_sum, correct = linear_cross_entropy_eval(output.features, decoder.weight, decoder.bias, output.targets,
+                                                      model.vocab_start, dims.tp_group)
+        stats[0] += loss_sum
+        stats[1] += correct
         return None
 
     run_pipeline(model, batches, forward_step, train=False)
     _sum(stats, dims.pp_group, dims.dp_group)
     model.train(was_training)
-    tokens = int(stats[2].item())
-    return {"loss": stats[0].item() / max(tokens, 1), "accuracy": stats[1].item() / max(tokens, 1),
-            "num_tokens": tokens}
+    loss_sum, correct, tokens = torch.cat([stats, total.reshape(1)]).tolist()
+    return EvalResult(loss_sum / max(tokens, 1), correct / max(tokens, 1), int(tokens))

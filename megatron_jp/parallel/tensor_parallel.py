@@ -1,7 +1,8 @@
 """Tensor and sequence parallelism applied to an Encoder chunk from outside (torchtitan's
-parallelize(model) split): modules are swapped for their parallel counterparts with local shapes,
-attention modules are told their local head counts, and the few collectives that have no module of
-their own run as forward hooks. models/encoder.py stays free of process groups.
+parallelize(model) split): modules are swapped for their parallel counterparts with local shapes
+(the fused QKV projection for one with this rank's heads), and the two sequence-parallel boundary
+collectives that have no module of their own (after the embedding, before the head) run as forward
+hooks. models/encoder.py stays free of process groups.
 
 Runs on a meta-device chunk; parameters are materialised afterwards (parallel/model.py). Returns, per
 local parameter name, how its local tensor maps to the full one (dimension, pieces) and which extra
@@ -10,16 +11,16 @@ gradient reductions it needs.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 from torch import nn
 
 from megatron_jp.config import ModelConfig
-from megatron_jp.models.encoder import Encoder
-from megatron_jp.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                         column_parallel_input)
+from megatron_jp.models.encoder import TIED_DECODER, TIED_EMBEDDING, Encoder
+from megatron_jp.parallel.layers import (ColumnParallelLinear, ColumnParallelQKV, RowParallelLinear,
+                                         VocabParallelEmbedding)
 from megatron_jp.parallel.mappings import gather_from_sequence_parallel_region, scatter_to_sequence_parallel_region
+from megatron_jp.parallel.random import fork_dropout_rng
 from megatron_jp.parallel.sharding import GradReduction, Piece
 
 TP_SUM = GradReduction("tp")
@@ -74,16 +75,11 @@ def kv_reduction(cfg: ModelConfig, rank: int, size: int, row: int) -> tuple[Grad
     return (GradReduction("kv", q_rows * row, (q_rows + 2 * d) * row, rank // (size // kv), kv),)
 
 
-def shard_attention(attn: nn.Module, cfg: ModelConfig, tp: TPContext, prefix: str) -> dict[str, TPPlan]:
-    local_q, local_kv = cfg.num_heads // tp.size, max(cfg.n_kv_heads // tp.size, 1)
+def shard_attention(attn: nn.Module, cfg: ModelConfig, tp: TPContext, layer: int) -> dict[str, TPPlan]:
+    prefix = f"layers.{layer}.attn"
     d, hidden = cfg.dim_per_head, cfg.hidden_size
-    attn.n_heads, attn.n_kv_heads = local_q, local_kv
-    # Attention.forward calls F.linear(x, qkv.weight) itself (the bias is fused into qkv_rope), so
-    # qkv keeps a plain Linear with local rows and the column-parallel input collective runs as a
-    # pre-hook on the attention module.
-    attn.qkv = nn.Linear(hidden, (local_q + 2 * local_kv) * d, bias=cfg.qkv_bias)
-    attn.out = RowParallelLinear(local_q * d, hidden, cfg.attn_out_bias, tp.group, tp.sequence_parallel)
-    attn.register_forward_pre_hook(functools.partial(_attention_input_hook, tp=tp))
+    attn.qkv = ColumnParallelQKV(cfg, layer, tp.size, tp.group, tp.sequence_parallel)
+    attn.out = RowParallelLinear(attn.qkv.n_heads * d, hidden, cfg.attn_out_bias, tp.group, tp.sequence_parallel)
     pieces = qkv_pieces(cfg, tp.rank, tp.size)
     plans = {f"{prefix}.qkv.weight": TPPlan(0, pieces, kv_reduction(cfg, tp.rank, tp.size, hidden)),
              f"{prefix}.out.weight": TPPlan(1, even_pieces([(0, cfg.num_heads * d)], tp.rank, tp.size))}
@@ -92,11 +88,6 @@ def shard_attention(attn: nn.Module, cfg: ModelConfig, tp: TPContext, prefix: st
     if cfg.attn_out_bias and tp.sequence_parallel:
         plans[f"{prefix}.out.bias"] = _replicated_sp(tp)
     return plans
-
-
-def _attention_input_hook(module, args, tp: TPContext):
-    x, *rest = args
-    return (column_parallel_input(x, tp.group, tp.sequence_parallel), *rest)
 
 
 def shard_mlp(mlp: nn.Module, cfg: ModelConfig, tp: TPContext, prefix: str) -> dict[str, TPPlan]:
@@ -133,7 +124,7 @@ def shard_embeddings(chunk: Encoder, cfg: ModelConfig, tp: TPContext) -> dict[st
     emb.tok = VocabParallelEmbedding(pieces[0].length, cfg.hidden_size, pieces[0].full_start, tp.group)
     if tp.sequence_parallel:
         emb.register_forward_hook(lambda module, args, out: scatter_to_sequence_parallel_region(out, tp.group))
-    return {"embeddings.tok.weight": TPPlan(0, pieces)}
+    return {TIED_EMBEDDING: TPPlan(0, pieces)}
 
 
 def shard_head(chunk: Encoder, cfg: ModelConfig, tp: TPContext) -> dict[str, TPPlan]:
@@ -143,13 +134,12 @@ def shard_head(chunk: Encoder, cfg: ModelConfig, tp: TPContext) -> dict[str, TPP
     pieces = vocab_pieces(cfg, tp)
     head = chunk.head
     head.decoder = ColumnParallelLinear(cfg.hidden_size, pieces[0].length, cfg.decoder_bias, tp.group)
-    if cfg.tie_embeddings and chunk.embeddings is not None:
-        head.decoder.weight = chunk.embeddings.tok.weight
+    chunk.tie_weights()
     if tp.sequence_parallel:
         last = chunk.final_norm if chunk.final_norm is not None else list(chunk.layers.values())[-1]
         last.register_forward_hook(lambda module, args, out: gather_from_sequence_parallel_region(
             out, tp.group, tensor_parallel_output_grad=False))
-    plans = {"head.decoder.weight": TPPlan(0, pieces)}
+    plans = {TIED_DECODER: TPPlan(0, pieces)}
     if cfg.decoder_bias:
         plans["head.decoder.bias"] = TPPlan(0, pieces)
     return plans
@@ -177,8 +167,9 @@ def parallelize_chunk(chunk: Encoder, cfg: ModelConfig, tp: TPContext) -> dict[s
     if chunk.embeddings is not None:
         plans.update(shard_embeddings(chunk, cfg, tp))
     for key, block in chunk.layers.items():
-        plans.update(shard_attention(block.attn, cfg, tp, f"layers.{key}.attn"))
+        plans.update(shard_attention(block.attn, cfg, tp, int(key)))
         plans.update(shard_mlp(block.mlp, cfg, tp, f"layers.{key}.mlp"))
+        fork_dropout_rng(block, cfg, tp.rank, tp.size, tp.sequence_parallel)
     if chunk.head is not None:
         plans.update(shard_head(chunk, cfg, tp))
     plans.update(sequence_parallel_norms(chunk, tp))

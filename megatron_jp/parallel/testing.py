@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from megatron_jp.config import ModelConfig, OptimConfig
 from megatron_jp.models.encoder import IGNORE_INDEX, build_encoder
-from megatron_jp.training.optim import torch_adamw
+from megatron_jp.parallel.adamw import torch_adamw
 
 
 def synthetic_row(gen: torch.Generator, seq: int, vocab: int, mask_prob: float):

@@ -4,7 +4,7 @@ model-state readers used by the converters.
     CKPT_DIR/latest                         text: the name of the last complete iteration folder
     CKPT_DIR/iter_0000100/.metadata         torch.distributed.checkpoint (DCP) files. Tensors under
     CKPT_DIR/iter_0000100/__<rank>_0.distcp   "model.<full name>" (the single-process Encoder's names and
-                                              shapes; a tied decoder once, as embeddings.tok.weight) and
+                                              shapes; a tied decoder once, under the embedding's name) and
                                               "optim.{exp_avg,exp_avg_sq,master}.<full name>" (master
                                               only when parameters are not fp32: otherwise the
                                               parameter is the master)
@@ -42,7 +42,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 import yaml
 
-from megatron_jp.config import Config, ConfigError, ModelConfig, config_from_dict
+from megatron_jp.config import Config, ConfigError, ModelConfig, config_from_dict, to_yaml
+from megatron_jp.models.encoder import tie, untie
 from megatron_jp.parallel.model import full_shapes
 from megatron_jp.training import dcp_pieces
 
@@ -190,7 +191,7 @@ def _data_files(folder: Path) -> dict[str, int]:
 
 def write_metadata(folder: Path, cfg: Config, info: dict):
     """config.yaml, then meta.json with the manifest of the data files already in `folder`."""
-    _write_durably(folder / CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
+    _write_durably(folder / CONFIG, to_yaml(cfg))
     _write_durably(folder / META, json.dumps({**info, "files": _data_files(folder)}, indent=2) + "\n")
 
 
@@ -238,8 +239,7 @@ def prune(ckpt_dir: Path, keep: int, newest: Path):
 def save_model_checkpoint(ckpt_dir: str | os.PathLike, step: int, cfg: Config,
                           state: dict[str, torch.Tensor], meta: dict | None = None) -> Path:
     """A checkpoint holding only model weights (e.g. imported from Hugging Face), single process."""
-    if cfg.model.tie_embeddings:  # one tensor under two names: store it once
-        state = {k: v for k, v in state.items() if k != "head.decoder.weight"}
+    state = untie(state, cfg.model)  # one tensor under two names: store it once
     ckpt_dir = Path(ckpt_dir)
     tmp = start_folder(ckpt_dir, step)
     dcp.save({MODEL_PREFIX + k: v.detach().contiguous() for k, v in state.items()},
@@ -259,10 +259,7 @@ def load_model_state(path: str | os.PathLike) -> tuple[Config, dict[str, torch.T
         dcp.load(state, checkpoint_id=str(iter_dir), no_dist=True)
     except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
         raise _read_error(iter_dir, e) from None
-    model = {k[len(MODEL_PREFIX):]: v for k, v in state.items()}
-    if cfg.model.tie_embeddings:
-        model["head.decoder.weight"] = model["embeddings.tok.weight"]
-    return cfg, model
+    return cfg, tie({k[len(MODEL_PREFIX):]: v for k, v in state.items()}, cfg.model)
 
 
 # ----------------------------------------------------------------------------- the distributed checkpointer

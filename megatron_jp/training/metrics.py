@@ -1,7 +1,7 @@
 """Run metrics: RUN_DIR/metrics.jsonl (the contract), TensorBoard events, and a console line.
 
-Only the rank that owns the log writes (the last pipeline stage of data-parallel rank 0 and
-tensor-parallel rank 0, where the loss lives); the others hold a disabled writer.
+Only global rank 0 writes: train_step and eval_step reduce the loss and counts to every rank, so
+rank 0 holds the run's figures whatever its pipeline stage; the others hold a disabled writer.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""Learning-rate schedules and the curricula of the seed models, as pure functions of the step.
+"""Everything that is a function of the optimizer step: the learning rate, the batch-size ramp-up
+and the seq-length / mask-rate curricula of the seed models. Pure functions and small callables.
 
-Every schedule warms up linearly from 0 to optim.lr over optim.warmup_steps, then
+Every learning-rate schedule warms up linearly from 0 to optim.lr over optim.warmup_steps, then
 - constant: stays at lr;
 - linear:   decays linearly to min_lr at train.steps;
 - cosine:   decays along a half cosine to min_lr at train.steps;
@@ -11,10 +12,11 @@ Every schedule warms up linearly from 0 to optim.lr over optim.warmup_steps, the
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
-from megatron_jp.config import ConfigError, OptimConfig
+from megatron_jp.config import Config, OptimConfig, RampUp, Stages
 
 
 def learning_rate(step: int, optim: OptimConfig, total_steps: int) -> float:
@@ -36,47 +38,45 @@ def learning_rate(step: int, optim: OptimConfig, total_steps: int) -> float:
     return optim.min_lr + (optim.lr - optim.min_lr) * factor
 
 
-def parse_stages(text: str, key: str, cast=float) -> list[tuple[int, float]]:
-    """"0:128,1000:256" -> [(0, 128), (1000, 256)]; steps must start at 0 and increase."""
-    stages = []
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        try:
-            step, value = item.split(":")
-            stages.append((int(step), cast(value)))
-        except ValueError:
-            raise ConfigError(f"{key}: cannot read {item!r}; write STEP:VALUE pairs like \"0:128,1000:256\"") from None
-    if stages and (stages[0][0] != 0 or any(a[0] >= b[0] for a, b in zip(stages, stages[1:]))):
-        raise ConfigError(f"{key}: stages must start at step 0 and have increasing steps, got {text!r}")
-    return stages
+class StagedSchedule:
+    """Piecewise constant: {first step: value}; e.g. {0: 128, 90000: 512} for seq-length stages.
+    `values()` lists every stage's value (the data loader builds each length's index ahead)."""
+
+    def __init__(self, stages: dict):
+        if 0 not in stages:
+            raise ValueError(f"stages {stages} must define step 0")
+        self.stages = sorted((int(s), v) for s, v in stages.items())
+
+    @classmethod
+    def of(cls, stages: Stages, default) -> "StagedSchedule":
+        """A parsed curriculum, or the constant `default` without one."""
+        return cls(dict(stages.points) if stages else {0: default})
+
+    def __call__(self, step: int):
+        return [v for s, v in self.stages if s <= step][-1]
+
+    def values(self) -> list:
+        return [v for _, v in self.stages]
 
 
-def stage_value(stages: list[tuple[int, float]], step: int, default):
-    """The value of the last stage that has begun at `step` (the default without stages)."""
-    value = default
-    for start, stage in stages:
-        if step >= start:
-            value = stage
-    return value
+class LinearSchedule:
+    """start -> end linearly over steps [start_step, start_step + steps], constant outside."""
+
+    def __init__(self, start: float, end: float, steps: int, start_step: int = 0):
+        self.start, self.end, self.steps, self.start_step = start, end, max(int(steps), 1), start_step
+
+    def __call__(self, step: int) -> float:
+        t = min(max((step - self.start_step) / self.steps, 0.0), 1.0)
+        return float(self.start + t * (self.end - self.start))
 
 
-def parse_rampup(text: str) -> tuple[int, int, int] | None:
-    if not text.strip():
-        return None
-    try:
-        start, increment, steps = (int(v) for v in text.split())
-    except ValueError:
-        raise ConfigError(f"train.rampup_batch_size: expected \"START INCREMENT STEPS\", got {text!r}") from None
-    return start, increment, steps
-
-
-def global_batch_size(step: int, rampup: tuple[int, int, int] | None, final: int) -> int:
+def global_batch_size(step: int, rampup: RampUp | None, final: int) -> int:
     """Megatron-style ramp-up: START, START+INCREMENT, ... in equal step intervals up to `final`."""
     if rampup is None:
         return final
-    start, increment, steps = rampup
-    n_stages = max((final - start) // increment, 1)
-    stage = min(step * n_stages // max(steps, 1), n_stages)
-    return min(start + stage * increment, final)
+    n_stages = max((final - rampup.start) // rampup.increment, 1)
+    stage = min(step * n_stages // max(rampup.steps, 1), n_stages)
+    return min(rampup.start + stage * rampup.increment, final)
 
 
 class BatchSizeSchedule:
@@ -84,9 +84,9 @@ class BatchSizeSchedule:
     which step a sample position falls in (`step_of(consumed_samples)`), so that curricula keyed by
     step stay right while the batch grows."""
 
-    def __init__(self, rampup: tuple[int, int, int] | None, final: int):
+    def __init__(self, rampup: RampUp | None, final: int):
         self.rampup, self.final = rampup, final
-        ramp_steps = rampup[2] if rampup else 0
+        ramp_steps = rampup.steps if rampup else 0
         sizes = np.array([self(step) for step in range(ramp_steps)], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(sizes)])  # consumed samples at the start of each step
         self._ramp_steps = ramp_steps
@@ -105,3 +105,19 @@ class BatchSizeSchedule:
         if step <= self._ramp_steps:
             return int(self._starts[step])
         return int(self._starts[-1]) + (step - self._ramp_steps) * self.final
+
+
+@dataclass
+class Curricula:
+    """The run's functions of the step, from its config."""
+
+    batch: BatchSizeSchedule
+    seq_length: StagedSchedule
+    mask_prob: StagedSchedule
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "Curricula":
+        d, t = cfg.data, cfg.train
+        return cls(BatchSizeSchedule(t.rampup_batch_size, t.global_batch_size),
+                   StagedSchedule.of(d.seq_length_stages, d.seq_length),
+                   StagedSchedule.of(d.mask_prob_stages, d.mask_prob))

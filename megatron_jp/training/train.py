@@ -1,8 +1,9 @@
 """The training loop behind `python -m megatron_jp.train` (plain process, torchrun or srun).
 
     run(cfg)
-      1. checks, before any process group or allocation: the layout for the launcher's world size,
-         the tokenizer against model.vocab_size, the data shards (building this rank's loaders);
+      1. checks, before any process group or allocation: one validation of the config for the
+         launcher's world size, the starting checkpoint and the vocabulary (training/startup.py),
+         the data shards (building this rank's loaders);
       2. process group, ParallelDims, model (initialised identically in every layout), optimizer;
       3. resume from CKPT_DIR/latest, or begin a phase from checkpoint.load, or start fresh;
       4. steps: batch-size ramp-up, seq-length and mask-rate curricula, learning-rate schedule,
@@ -26,18 +27,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 from tqdm import tqdm
 
-from megatron_jp.config import Config, ConfigError, validate
+from megatron_jp.config import Config, ConfigError, to_yaml, validate
+from megatron_jp.data.loader import build_data_loaders
 from megatron_jp.data.sources import DataError
-from megatron_jp.parallel import (ParallelDims, build_optimizer, build_parallel_model, eval_step,
+from megatron_jp.data.tokenizers import build_tokenizer
+from megatron_jp.parallel import (ParallelDims, StepResult, build_optimizer, build_parallel_model, eval_step,
                                   init_process_group, launch_env, train_step)
 from megatron_jp.training import schedules
-from megatron_jp.training.checkpoint import (Checkpointer, CheckpointError, find_latest, read_config,
-                                             resolve_checkpoint)
+from megatron_jp.training.checkpoint import Checkpointer, CheckpointError
 from megatron_jp.training.flops import effective_seq_length, flops_per_token, mfu
 from megatron_jp.training.metrics import MetricsWriter, console_line
+from megatron_jp.training.schedules import Curricula
+from megatron_jp.training.startup import Start, checkpoint_dir, resolve_vocab, starting_checkpoint
 
 
 class TrainingAborted(RuntimeError):
@@ -53,29 +56,6 @@ class Progress:
     skipped_steps: int = 0
 
 
-@dataclass
-class Curricula:
-    """Everything that is a function of the optimizer step."""
-
-    batch: schedules.BatchSizeSchedule
-    seq_length: object  # step -> int
-    mask_prob: object  # step -> float
-
-    @classmethod
-    def from_config(cls, cfg: Config) -> "Curricula":
-        from megatron_jp.data.loader import StagedSchedule
-
-        d, t = cfg.data, cfg.train
-
-        def staged(text, key, cast, default):
-            stages = schedules.parse_stages(text, key, cast)
-            return StagedSchedule(dict(stages)) if stages else StagedSchedule({0: default})
-
-        return cls(schedules.BatchSizeSchedule(schedules.parse_rampup(t.rampup_batch_size), t.global_batch_size),
-                   staged(d.seq_length_stages, "data.seq_length_stages", int, d.seq_length),
-                   staged(d.mask_prob_stages, "data.mask_prob_stages", float, d.mask_prob))
-
-
 # ------------------------------------------------------------------------------------------ entry
 
 
@@ -83,7 +63,10 @@ def run(cfg: Config) -> int:
     """Train as configured; returns the process exit status."""
     rank, world, _ = launch_env()
     try:
-        loaders, curricula = prepare(cfg, rank, world)
+        validate(cfg, world)
+        start = starting_checkpoint(cfg)
+        resolve_vocab(cfg, start)
+        loaders, curricula = prepare_data(cfg, rank, world)
     except (ConfigError, CheckpointError, ValueError, OSError) as e:  # before any process group exists
         return fail(e, rank, status=2)
     rank, world, device = init_process_group()
@@ -91,7 +74,7 @@ def run(cfg: Config) -> int:
     trainer = None
     try:
         trainer = Trainer(cfg, dims, loaders, curricula)
-        trainer.fit()
+        trainer.fit(start)
         return 0
     except (TrainingAborted, CheckpointError, ConfigError, DataError) as e:
         return fail(e, rank, status=1)
@@ -109,22 +92,9 @@ def fail(error: Exception, rank: int, status: int) -> int:
     return status
 
 
-def prepare(cfg: Config, rank: int, world: int):
-    """Everything that can be refused without a process group: layout, tokenizer, data.
-
-    The loaders are this rank's (its data-parallel coordinate comes from the rank grid), so a missing
-    or malformed shard is reported before any rank waits for another.
-    """
-    from megatron_jp.data.loader import build_data_loaders
-    from megatron_jp.data.tokenizers import build_tokenizer
-    from megatron_jp.train import resolve_vocab
-
-    validate(cfg, world)
-    start = starting_checkpoint(cfg)
-    if start is not None and cfg.model.vocab_size == 0:
-        # the padded size depends on the tensor-parallel size that wrote the checkpoint: keep it
-        cfg.model.vocab_size = read_config(start).model.vocab_size
-    resolve_vocab(cfg)
+def prepare_data(cfg: Config, rank: int, world: int):
+    """This rank's loaders (its data-parallel coordinate comes from the rank grid) and the curricula,
+    so a missing or malformed shard is reported before any rank waits for another."""
     tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
     curricula = Curricula.from_config(cfg)
     p = cfg.parallel
@@ -139,18 +109,6 @@ def prepare(cfg: Config, rank: int, world: int):
     return loaders, curricula
 
 
-def starting_checkpoint(cfg: Config) -> Path | None:
-    """The iteration folder this run starts from: CKPT_DIR/latest, else checkpoint.load, else None."""
-    latest = find_latest(checkpoint_dir(cfg))
-    if latest is None and cfg.checkpoint.load:
-        return resolve_checkpoint(cfg.checkpoint.load)
-    return latest
-
-
-def checkpoint_dir(cfg: Config) -> Path:
-    return Path(cfg.checkpoint.dir or Path(cfg.run.dir) / "checkpoints")
-
-
 # ------------------------------------------------------------------------------------------ trainer
 
 
@@ -160,15 +118,15 @@ class Trainer:
         self.train_loader, self.valid_loader = loaders
         t = cfg.train
         torch.manual_seed(dims.dropout_seed(t.seed))
-        self.model = build_parallel_model(cfg.model, dims, seed=t.seed, precision=t.precision,
-                                          recompute=t.recompute, sequence_parallel=cfg.parallel.sequence_parallel)
-        self.optimizer = build_optimizer(self.model, cfg.optim, dims, zero1=cfg.parallel.zero1)
+        self.model = build_parallel_model(cfg.model, dims, seed=t.seed, precision=t.precision, recompute=t.recompute,
+                                          sequence_parallel=cfg.parallel.sequence_parallel, zero1=cfg.parallel.zero1)
+        self.optimizer = build_optimizer(self.model, cfg.optim, dims)
         self.checkpointer = Checkpointer(checkpoint_dir(cfg), cfg, dims, keep=cfg.checkpoint.keep,
                                          async_save=cfg.checkpoint.async_save)
         self.progress = Progress()
         self.is_logger = dims.rank == 0  # every rank holds the same reduced loss; one writes it
         self.metrics = MetricsWriter(cfg.run.dir, enabled=self.is_logger)
-        self.log = Interval()
+        self.log = LogWindow()
         self.bar = progress_bar(0, 0, enabled=False)
         if self.is_logger:
             write_run_config(cfg)
@@ -178,24 +136,23 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- resume
 
-    def restore(self):
-        """Resume from CKPT_DIR/latest; else begin a phase from checkpoint.load; else start fresh."""
+    def restore(self, start: Start | None):
+        """Resume this run, or begin a phase from checkpoint.load, or start fresh (training/startup.py
+        chose which)."""
         c = self.cfg.checkpoint
-        latest = find_latest(checkpoint_dir(self.cfg))
-        if latest is not None:
-            loaded = self.checkpointer.load(latest, self.model, self.optimizer)
+        if start is not None and start.resume:
+            loaded = self.checkpointer.load(start.path, self.model, self.optimizer)
             self._continue_from(loaded.meta)
             if loaded.rank_state is not None:
                 set_rng_state(loaded.rank_state)
-            self.say(f"resumed from {latest} at step {self.progress.step}")
-        elif c.load:
-            source = resolve_checkpoint(c.load)
-            loaded = self.checkpointer.load(source, self.model, None if c.reset_optimizer else self.optimizer)
+            self.say(f"resumed from {start.path} at step {self.progress.step}")
+        elif start is not None:
+            loaded = self.checkpointer.load(start.path, self.model, None if c.reset_optimizer else self.optimizer)
             if c.reset_optimizer:
                 self.optimizer.sync_master_from_params()
             if not c.reset_schedule:
                 self._continue_from(loaded.meta)
-            self.say(f"new phase from {source} at step {self.progress.step}"
+            self.say(f"new phase from {start.path} at step {self.progress.step}"
                      f"{' (fresh optimizer)' if c.reset_optimizer else ''}")
         self.train_loader.load_state_dict({"consumed_samples": self.progress.consumed_samples,
                                            "seed": self.cfg.train.seed})
@@ -208,8 +165,8 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- loop
 
-    def fit(self):
-        self.restore()
+    def fit(self, start: Start | None = None):
+        self.restore(start)
         cfg, total = self.cfg, self.cfg.train.steps
         if self.progress.step >= total:
             self.say(f"nothing to do: the checkpoint is at step {self.progress.step} >= train.steps ({total})")
@@ -225,17 +182,17 @@ class Trainer:
             out = self.train_one_step()
             step = self.progress.step
             self.bar.update(1)
-            in_a_row = in_a_row + 1 if out["skipped"] else 0
+            in_a_row = in_a_row + 1 if out.skipped else 0
             aborting = in_a_row >= cfg.train.max_skipped_steps
             if aborting or step % cfg.log.interval == 0 or step == total:
                 self.log_metrics(step)
             if aborting:
                 raise TrainingAborted(
                     f"step {step}: {in_a_row} steps in a row had a non-finite loss or gradient norm (loss "
-                    f"{out['loss']}, grad norm {out['grad_norm']}); nothing was updated by them. Lower optim.lr "
+                    f"{out.loss}, grad norm {out.grad_norm}); nothing was updated by them. Lower optim.lr "
                     f"or raise optim.warmup_steps, check the data, or resume from an earlier checkpoint")
             if cfg.eval.interval and (step % cfg.eval.interval == 0 or step == total):
-                self.validate(step)
+                self.evaluate(step)
             if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
                 self.save()
                 saved_at = step
@@ -243,7 +200,7 @@ class Trainer:
             self.save()
         self.checkpointer.wait()
 
-    def train_one_step(self) -> dict:
+    def train_one_step(self) -> StepResult:
         cfg, step = self.cfg, self.progress.step
         begin = time.perf_counter()
         batch_size = self.curricula.batch(step)
@@ -253,7 +210,7 @@ class Trainer:
         out = train_step(self.model, self.optimizer, micro_batches, self.dims, lr)
         self.progress.step += 1
         self.progress.consumed_samples = self.train_loader.consumed_samples
-        self.progress.skipped_steps += int(out["skipped"])
+        self.progress.skipped_steps += int(out.skipped)
         spec = self.train_loader.last_spec
         self.log.add(out, micro_batches, lr, batch_size, spec.seq_length, spec.mask_prob, time.perf_counter() - begin)
         return out
@@ -267,7 +224,7 @@ class Trainer:
         record = {"step": step, **self.log.summary(tokens, self.cfg, self.dims.world_size),
                   "consumed_samples": self.progress.consumed_samples, "skipped_steps": self.progress.skipped_steps,
                   "memory_gb": peak_memory_gb(self.dims.device)}
-        self.log = Interval()
+        self.log = LogWindow()
         self.metrics.log(record)
         # MFU is measured against the H100's peak: the console shows it only on a GPU
         line = console_line(record if self.dims.device.type == "cuda" else {**record, "mfu": None},
@@ -275,7 +232,7 @@ class Trainer:
         self.say(line)
         self.bar.set_postfix_str(line.split(" | ", 1)[-1], refresh=False)
 
-    def validate(self, step: int):
+    def evaluate(self, step: int):
         if self.valid_loader is None:
             return
         batches = list(self.valid_loader)
@@ -283,11 +240,10 @@ class Trainer:
             n = -(-len(batches) // self.dims.pp) * self.dims.pp
             batches = list(itertools.islice(itertools.cycle(batches), n))
         out = eval_step(self.model, batches, self.dims)
-        record = {"step": step, "valid_loss": out["loss"], "valid_accuracy": out["accuracy"],
-                  "valid_tokens": out["num_tokens"]}
+        record = {"step": step, "valid_loss": out.loss, "valid_accuracy": out.accuracy,
+                  "valid_tokens": out.num_tokens}
         self.metrics.log(record)
-        self.say(f"step {step}/{self.cfg.train.steps} | valid loss {out['loss']:.4f} | "
-                 f"accuracy {out['accuracy']:.3f}")
+        self.say(f"step {step}/{self.cfg.train.steps} | valid loss {out.loss:.4f} | accuracy {out.accuracy:.3f}")
 
     def save(self):
         meta = {"step": self.progress.step, "consumed_samples": self.progress.consumed_samples,
@@ -331,7 +287,7 @@ class StopRequest:
         return self.name is not None
 
 
-class Interval:
+class LogWindow:
     """Sums over the steps between two log lines."""
 
     def __init__(self):
@@ -339,15 +295,15 @@ class Interval:
         self.tokens, self.predicted, self.flop_tokens, self.steps = 0, 0, 0.0, 0
         self.last: dict = {}
 
-    def add(self, out: dict, micro_batches: list[dict], lr: float, batch_size: int, seq_length: int,
+    def add(self, out: StepResult, micro_batches: list[dict], lr: float, batch_size: int, seq_length: int,
             mask_prob: float, seconds: float):
-        if not out["skipped"]:
-            self.losses.append(out["loss"])
-            self.norms.append(out["grad_norm"])
+        if not out.skipped:
+            self.losses.append(out.loss)
+            self.norms.append(out.grad_norm)
         real = sum(int((b["segment_ids"] > 0).sum()) for b in micro_batches)
         s_eff = np.mean([effective_seq_length(b["segment_ids"]) for b in micro_batches])
         self.tokens += real
-        self.predicted += out["num_tokens"]
+        self.predicted += out.num_tokens
         self.flop_tokens += real * float(s_eff)  # token-weighted s_eff for the FLOPs formula
         self.seconds += seconds
         self.steps += 1
@@ -382,8 +338,7 @@ def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
 def write_run_config(cfg: Config):
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True),
-                                         encoding="utf-8")
+    (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
 
 
 def peak_memory_gb(device: torch.device) -> float:

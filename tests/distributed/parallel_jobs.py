@@ -9,13 +9,14 @@ A case is a dict: job ("parity", "memory", "bf16", "reshard"), id, model and the
 from __future__ import annotations
 
 import functools
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 
 from megatron_jp.config import Config, OptimConfig
+from megatron_jp.config import preset
 from megatron_jp.models.encoder import build_encoder
-from megatron_jp.models.presets import preset
 from megatron_jp.parallel import (ParallelDims, assemble_full, build_optimizer, build_parallel_model, eval_step,
                                   memory_breakdown, train_step)
 from megatron_jp.parallel.testing import reference_run, synthetic_micro_batches
@@ -64,19 +65,19 @@ def build(case: dict, rank: int, world: int):
     dims = ParallelDims.from_config(cfg, world, rank)
     model = build_parallel_model(cfg.model, dims, seed=SEED, precision=cfg.train.precision,
                                  recompute=cfg.train.recompute, sequence_parallel=cfg.parallel.sequence_parallel,
-                                 bucket_size=BUCKET)
-    return cfg, dims, model, build_optimizer(model, cfg.optim, dims, zero1=cfg.parallel.zero1)
+                                 zero1=cfg.parallel.zero1, bucket_size=BUCKET)
+    return cfg, dims, model, build_optimizer(model, cfg.optim, dims)
 
 
 def train(model, optimizer, dims, steps) -> list[dict]:
-    return [train_step(model, optimizer, local(step_batches(s), dims), dims, LR) for s in steps]
+    return [asdict(train_step(model, optimizer, local(step_batches(s), dims), dims, LR)) for s in steps]
 
 
 def parity(rank: int, world: int, case: dict, out_dir: str):
     """STEPS steps, then the full parameters and an evaluation."""
     _, dims, model, optimizer = build(case, rank, world)
     steps = train(model, optimizer, dims, range(STEPS))
-    evaluation = eval_step(model, local(eval_batches(), dims), dims)
+    evaluation = asdict(eval_step(model, local(eval_batches(), dims), dims))
     full = model.full_state_dict()
     if rank == 0:
         torch.save({"steps": steps, "eval": evaluation, "params": full}, f"{out_dir}/{case['id']}.pt")
@@ -116,7 +117,7 @@ def bf16(rank: int, world: int, case: dict, out_dir: str):
     """Ten steps on one repeated batch (the loss must fall) with the dtypes of every buffer."""
     _, dims, model, optimizer = build(case, rank, world)
     batch = local(step_batches(0), dims)
-    losses = [train_step(model, optimizer, batch, dims, 1e-2)["loss"] for _ in range(10)]
+    losses = [train_step(model, optimizer, batch, dims, 1e-2).loss for _ in range(10)]
     dtypes = {"params": {str(i.param.dtype) for i in model.infos},
               "grads": {str(b.grads.dtype) for b in model.grad_buffers.buckets},
               "master": {str(s.master.dtype) for s in optimizer.shards},

@@ -12,14 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_jp.config import Config
-from megatron_jp.models.encoder import MLP, Attention, AttentionContext, Block
-from megatron_jp.models.presets import preset
+from megatron_jp.config import Config, preset
+from megatron_jp.models.attention import AttentionContext
+from megatron_jp.models.encoder import MLP, Attention, Block, layer_windows
 from megatron_jp.parallel.data_parallel import sum_model_parallel
 from megatron_jp.parallel.dims import ParallelDims
-from megatron_jp.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                         vocab_parallel_argmax, vocab_parallel_cross_entropy)
+from megatron_jp.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from megatron_jp.parallel.loss import linear_cross_entropy, vocab_parallel_argmax, vocab_parallel_cross_entropy
 from megatron_jp.parallel.mappings import split_seq
+from megatron_jp.parallel.random import TensorParallelRandom
 from megatron_jp.parallel.sharding import ShardSpec
 from megatron_jp.parallel.tensor_parallel import (TPContext, even_pieces, sequence_parallel_norms, shard_attention,
                                                   shard_mlp)
@@ -103,9 +104,30 @@ def check_vocab_parallel_cross_entropy(dims, tp):
             ("argmax", argmax, logits.detach().argmax(-1))]
 
 
+def check_vocab_parallel_linear_cross_entropy(dims, tp):
+    """The chunked, fused decoder + loss on a vocabulary-parallel decoder against the whole one."""
+    torch.manual_seed(9)
+    x = torch.randn(37, 16, requires_grad=True)
+    w = (0.3 * torch.randn(128, 16)).requires_grad_()
+    b = (0.1 * torch.randn(128)).requires_grad_()
+    targets = torch.randint(0, 128, (37,))
+    targets[::5] = -100
+    valid = targets != -100
+    loss = F.cross_entropy(F.linear(x, w, b)[valid], targets[valid], reduction="sum")
+    loss.backward()
+    x2 = x.detach().clone().requires_grad_()
+    w2 = w.detach().chunk(TP, 0)[tp.rank].clone().requires_grad_()
+    b2 = b.detach().chunk(TP, 0)[tp.rank].clone().requires_grad_()
+    loss2 = linear_cross_entropy(x2, w2, b2, targets, 64 * tp.rank, tp.group, chunk=8)
+    loss2.backward()
+    return [("loss", loss2, loss), ("input grad", x2.grad, x.grad),
+            ("weight grad", w2.grad, w.grad.chunk(TP, 0)[tp.rank]), ("bias grad", b2.grad, b.grad.chunk(TP, 0)[tp.rank])]
+
+
 def _context(cfg, seed=5):
     batch = synthetic_micro_batches(seed, 1, 2, 16, cfg.vocab_size)[0]
-    return AttentionContext.build(batch["input_ids"].shape, "cpu", batch["segment_ids"], batch["position_ids"])
+    return AttentionContext.build(batch["input_ids"].shape, "cpu", batch["segment_ids"], batch["position_ids"],
+                                  windows=layer_windows(cfg))
 
 
 def _shard_params(module: nn.Module, full: nn.Module, plans: dict):
@@ -149,16 +171,15 @@ def check_attention(dims, tp, kv_heads: int):
     for p in full.parameters():
         nn.init.normal_(p, std=0.1)
     ctx = _context(cfg)
-    mask = ctx.mask(full.window)
     x = torch.randn(2, 16, cfg.hidden_size, requires_grad=True)
     grad_y = torch.randn(2, 16, cfg.hidden_size)
-    y = full(x, ctx, mask)
+    y = full(x, ctx)
     y.backward(grad_y)
     sharded = Attention(cfg, 0)
-    plans = shard_attention(sharded, cfg, tp, "")
-    specs = _shard_params(sharded, full, {k.lstrip("."): v for k, v in plans.items()})
+    plans = shard_attention(sharded, cfg, tp, 0)
+    specs = _shard_params(sharded, full, {k.removeprefix("layers.0.attn."): v for k, v in plans.items()})
     x2 = x.detach().clone().requires_grad_()
-    y2 = sharded(x2, ctx, mask)
+    y2 = sharded(x2, ctx)
     y2.backward(grad_y)
     _grads_after_reductions(sharded, specs, dims)
     return [("output", y2, y), ("input grad", x2.grad, x.grad)] + _compare_grads(sharded, full, specs)
@@ -193,24 +214,38 @@ def check_sequence_parallel_block(dims, tp, name: str):
     for p in full.parameters():
         nn.init.normal_(p, mean=1.0 if p.dim() == 1 else 0.0, std=0.1)
     ctx = _context(cfg)
-    masks = {full.attn.window: ctx.mask(full.attn.window)}
     x = torch.randn(2, 16, cfg.hidden_size, requires_grad=True)
     grad_y = torch.randn(2, 16, cfg.hidden_size)
-    y = full(x, ctx, masks)
+    y = full(x, ctx)
     y.backward(grad_y)
     holder = nn.Module()
     holder.layers = nn.ModuleDict({"1": Block(cfg, 1)})
     holder.final_norm, holder.embeddings, holder.head = None, None, None
-    plans = {**shard_attention(holder.layers["1"].attn, cfg, sp, "layers.1.attn"),
+    plans = {**shard_attention(holder.layers["1"].attn, cfg, sp, 1),
              **shard_mlp(holder.layers["1"].mlp, cfg, sp, "layers.1.mlp"), **sequence_parallel_norms(holder, sp)}
     block = holder.layers["1"]
     specs = _shard_params(block, full, {k[len("layers.1."):]: v for k, v in plans.items()})
     x2 = split_seq(x.detach(), tp.group).requires_grad_()
-    y2 = block(x2, ctx, masks)
+    y2 = block(x2, ctx)
     y2.backward(split_seq(grad_y, tp.group))
     _grads_after_reductions(block, specs, dims)
     return [("output", y2, split_seq(y, tp.group)), ("input grad", x2.grad, split_seq(x.grad, tp.group))] \
         + _compare_grads(block, full, specs)
+
+
+def check_dropout_rng(dims, tp):
+    """Tensor-parallel peers share a seed: outside a tensor-parallel region they draw the same
+    dropout masks, inside it (parallel.random) different ones, and they leave it in the same state."""
+    torch.manual_seed(11)
+    dropout = TensorParallelRandom(nn.Dropout(0.5), tp.rank)
+    inside = dropout(torch.ones(256))
+    outside = nn.functional.dropout(torch.ones(256), 0.5)
+    peers = [torch.empty_like(inside) for _ in range(TP)], [torch.empty_like(outside) for _ in range(TP)]
+    torch.distributed.all_gather(peers[0], inside, group=tp.group)
+    torch.distributed.all_gather(peers[1], outside, group=tp.group)
+    differ, same = not torch.equal(*peers[0]), torch.equal(*peers[1])
+    return [("masks differ inside the region", torch.tensor(differ), torch.tensor(True)),
+            ("masks agree outside it", torch.tensor(same), torch.tensor(True))]
 
 
 CHECKS = {
@@ -218,6 +253,7 @@ CHECKS = {
     "row_parallel_linear": check_row_parallel_linear,
     "vocab_parallel_embedding": check_vocab_parallel_embedding,
     "vocab_parallel_cross_entropy": check_vocab_parallel_cross_entropy,
+    "vocab_parallel_linear_cross_entropy": check_vocab_parallel_linear_cross_entropy,
     "attention_gqa_kv_split": lambda dims, tp: check_attention(dims, tp, kv_heads=2),
     "attention_gqa_kv_replicated": lambda dims, tp: check_attention(dims, tp, kv_heads=1),
     "swiglu_mlp": lambda dims, tp: check_glu_mlp(dims, tp, "tiny"),
@@ -225,6 +261,7 @@ CHECKS = {
     "sequence_parallel_block_rmsnorm": lambda dims, tp: check_sequence_parallel_block(dims, tp, "tiny"),
     "sequence_parallel_block_layernorm_window": lambda dims, tp: check_sequence_parallel_block(
         dims, tp, "tiny-modernbert"),
+    "dropout_rng": check_dropout_rng,
 }
 
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from megatron_jp.config import preset
 from megatron_jp.models.encoder import build_encoder, masked_lm_loss
-from megatron_jp.models.presets import preset
 from megatron_jp.ops import glu as glu_module
 from megatron_jp.ops import qkv_rope as qkv_module
 from megatron_jp.ops import rope as rope_module

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch.distributed.checkpoint.filesystem as dcp_filesystem
 
 from megatron_jp.config import Config
-from megatron_jp.models.presets import preset
+from megatron_jp.config import preset
 from megatron_jp.parallel import ParallelDims, build_optimizer, build_parallel_model
 from megatron_jp.training import checkpoint
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from megatron_jp.config import Config, OptimConfig
+from megatron_jp.config import preset
 from megatron_jp.models.encoder import build_encoder
-from megatron_jp.models.presets import preset
 from megatron_jp.parallel import ParallelDims, assemble_full, build_optimizer, build_parallel_model, train_step
 from megatron_jp.parallel.testing import synthetic_micro_batches
 from megatron_jp.training.checkpoint import (CheckpointError, Checkpointer, find_latest, load_model_state,

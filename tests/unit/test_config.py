@@ -5,8 +5,15 @@ import dataclasses
 import pytest
 import yaml
 
-from megatron_jp.config import Config, ConfigError, describe, field_docs, load_config, validate
-from megatron_jp.config import ModelConfig, padded_vocab_size
+from megatron_jp.config import (Config, ConfigError, ModelConfig, RampUp, config_from_dict, describe, field_docs,
+                                load_config, padded_vocab_size, section_fields, to_yaml, validate)
+
+
+def checked(overrides: list[str], world_size: int = 1):
+    """What the CLI does: build the config, then validate it once for the world size."""
+    cfg = load_config(None, overrides)
+    validate(cfg, world_size)
+    return cfg
 
 
 def write_yaml(tmp_path, data) -> str:
@@ -60,7 +67,7 @@ def test_unknown_keys_are_refused_with_the_closest_names(overrides, key):
 ])
 def test_bad_values_are_refused_naming_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_config(None, overrides)
+        checked(overrides)
 
 
 def test_layout_is_checked_against_the_world_size():
@@ -98,4 +105,54 @@ def test_tokenizer_vocabulary_is_padded_for_tensor_parallel_shards():
 ])
 def test_bad_curricula_are_refused_naming_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_config(None, overrides)
+        checked(overrides)
+
+
+def numeric_fields():
+    """(section, key, FieldType) of every int and float field."""
+    for name in Config().to_dict():
+        section_cls = type(getattr(Config(), name))
+        for key, ftype in section_fields(section_cls).items():
+            if ftype.base in (int, float):
+                yield name, key, ftype
+
+
+def out_of_range(ftype) -> list:
+    r, bad = ftype.range, []
+    if r.low is not None:
+        bad.append(r.low if r.low_open else r.low - (1 if ftype.base is int else 1e-3))
+    if r.high is not None:
+        bad.append(r.high if r.high_open else r.high + (1 if ftype.base is int else 1e-3))
+    if ftype.base is float:
+        bad += [float("nan"), float("inf")]
+    return bad
+
+
+def test_every_numeric_key_declares_its_range():
+    unbounded = [f"{name}.{key}" for name, key, ftype in numeric_fields() if ftype.range is None]
+    assert not unbounded, f"numeric keys without a Range: {unbounded}"
+
+
+@pytest.mark.parametrize("name, key, ftype", list(numeric_fields()), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_numeric_key_refuses_its_out_of_range_values_naming_the_key(name, key, ftype):
+    for value in out_of_range(ftype):
+        with pytest.raises(ConfigError, match=rf"{name}\.{key} = .* out of range"):
+            load_config(None, [f"--{name}.{key}", str(value)])
+        cfg = Config()  # a value set after building is caught by validate
+        setattr(getattr(cfg, name), key, value)
+        with pytest.raises(ConfigError, match=rf"{name}\.{key}"):
+            validate(cfg, 1)
+
+
+def test_choices_come_from_the_literal_types():
+    with pytest.raises(ConfigError, match="model.norm = 'batchnorm'; choose one of rmsnorm, layernorm"):
+        load_config(None, ["--model.norm", "batchnorm"])
+    assert section_fields(ModelConfig)["activation"].choices == ("gelu", "swiglu", "geglu", "geglu_tanh")
+
+
+def test_a_config_written_to_yaml_reads_back_equal(tmp_path):
+    cfg = load_config(None, ["--model.preset", "tiny-modernbert", "--data.seq_length_stages", "0:64,10:128",
+                             "--train.rampup_batch_size", "4 4 10", "--data.mask_prob_stages", "0:0.3,5:0.15"])
+    again = config_from_dict(yaml.safe_load(to_yaml(cfg)))
+    assert again == cfg and str(again.data.seq_length_stages) == "0:64,10:128"
+    assert again.train.rampup_batch_size == RampUp(4, 4, 10)

@@ -237,8 +237,7 @@ def test_manifest_repeats_the_key_and_counts(tmp_path):
 
 def test_build_index_tool_builds_what_training_then_maps(tmp_path, tool):
     from megatron_jp.config import load_config
-    from megatron_jp.training.schedules import BatchSizeSchedule
-    from megatron_jp.data.loader import StagedSchedule
+    from megatron_jp.training.schedules import Curricula
 
     prefix = shard(tmp_path)
     overrides = ["--model.preset", "tiny", "--data.paths", prefix, "--data.tokenizer_type", "ByteTokenizer",
@@ -246,9 +245,9 @@ def test_build_index_tool_builds_what_training_then_maps(tmp_path, tool):
                  "--data.num_workers", "0"]
     assert tool("build_index")(overrides + ["--verify"]) == 0
     cfg = load_config(None, overrides)
+    curricula = Curricula.from_config(cfg)
     train, _ = build_data_loaders(cfg.data, TOK, micro_batch_size=cfg.train.micro_batch_size, dp_rank=0, dp_size=1,
                                   seed=cfg.train.seed, global_batch_size=cfg.train.global_batch_size,
-                                  seq_length_at=StagedSchedule({0: 32, 10: 64}),
-                                  step_of=BatchSizeSchedule(None, cfg.train.global_batch_size).step_of)
+                                  seq_length_at=curricula.seq_length, step_of=curricula.batch.step_of)
     next(train)
     assert train.mlm.cache.built == 0 and train.mlm.cache.mapped == 3

@@ -59,15 +59,23 @@ def test_megatron_core_reads_our_shards(tmp_path):
     assert theirs.document_indices.tolist() == [0, 1, 2, 3, 4]
 
 
+def megatron_core_builder(mcore, prefix: str, dtype):
+    """megatron-core's own writer, holding DOCS one document each (not yet finalized)."""
+    import torch
+
+    builder = mcore.IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
+    for doc in DOCS:
+        builder.add_item(torch.tensor(doc))
+        builder.end_document()
+    return builder
+
+
 def test_we_read_shards_written_by_megatron_core(tmp_path):
     mcore = _mcore()
     import torch
 
     prefix = str(tmp_path / "theirs")
-    builder = mcore.IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
-    for doc in DOCS:
-        builder.add_item(torch.tensor(doc))
-        builder.end_document()
+    builder = megatron_core_builder(mcore, prefix, np.int32)
     builder.add_item(torch.tensor([1, 2]))  # a two-sentence document, as with --split-sentences
     builder.add_item(torch.tensor([3]))
     builder.end_document()
@@ -82,11 +90,7 @@ def test_our_bytes_equal_megatron_core_bytes(tmp_path):
     import torch
 
     prefix = str(tmp_path / "theirs")
-    builder = mcore.IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
-    for doc in DOCS:
-        builder.add_item(torch.tensor(doc))
-        builder.end_document()
-    builder.finalize(prefix + ".idx")
+    megatron_core_builder(mcore, prefix, np.uint16).finalize(prefix + ".idx")
     ours = write_shard(str(tmp_path / "ours"), DOCS)
     for ext in (".bin", ".idx"):
         assert open(ours + ext, "rb").read() == open(prefix + ext, "rb").read()

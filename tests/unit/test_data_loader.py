@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from megatron_jp.config import RampUp
 from megatron_jp.data import preprocess
-from megatron_jp.data.datasets import BlendIndex, build_data_loaders, parse_blend, split_bounds
+from megatron_jp.data.datasets import BlendIndex, parse_blend, split_bounds
 from megatron_jp.data.indexed import IndexedDataset
-from megatron_jp.data.loader import LinearSchedule, StagedSchedule
+from megatron_jp.data.loader import build_data_loaders
 from megatron_jp.data.tokenizers import ByteTokenizer
+from megatron_jp.training.schedules import BatchSizeSchedule, LinearSchedule, StagedSchedule
 from test_data_helpers import documents, write_jsonl
 
 TOK = ByteTokenizer()
@@ -154,9 +156,7 @@ def test_seq_length_stages_change_the_batch_shape_and_resume(shards):
 
 
 def test_curricula_follow_the_step_while_the_batch_size_ramps_up(shards):
-    from megatron_jp.training.schedules import BatchSizeSchedule
-
-    ramp = BatchSizeSchedule((2, 2, 2), 4)  # steps 0, 1: 2 samples; then 4
+    ramp = BatchSizeSchedule(RampUp(2, 2, 2), 4)  # steps 0, 1: 2 samples; then 4
     train, _ = loaders(config(shards["A"]), mbs=2, global_batch_size=4, seq_length_at=StagedSchedule({0: 64, 2: 128}),
                        step_of=ramp.step_of)
     shapes = [next(train)["input_ids"].shape[1] for _ in range(4)]  # micro-steps of steps 0, 1, 2, 2

@@ -191,7 +191,8 @@ def test_50mb_document_is_processed_in_bounded_memory_when_allowed(tmp_path, hug
     print(f"peak RSS {peak_mb:.0f} MB for a {n_bytes / 2**20:.0f} MB document")
 
 
-def test_killed_run_leaves_no_complete_shard(tmp_path):
+def start_and_signal_mid_write(tmp_path, sig) -> subprocess.Popen:
+    """Start preprocess_data on 3,000 documents and send `sig` once it writes its temporary shard."""
     src = write_jsonl(tmp_path / "in.jsonl", documents(3000))
     cmd = [sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input", src, "--quiet",
            "--output-prefix", str(tmp_path / "o"), *BYTE, "--word-boundaries", "unidic-lite"]
@@ -199,21 +200,17 @@ def test_killed_run_leaves_no_complete_shard(tmp_path):
     deadline = time.time() + 30
     while not glob.glob(str(tmp_path / "o_text_document.bin.tmp*")) and time.time() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(sig)
+    return proc
+
+
+def test_killed_run_leaves_no_complete_shard(tmp_path):
+    start_and_signal_mid_write(tmp_path, signal.SIGKILL).wait()
     assert shard_files(tmp_path) == []
 
 
 def test_terminated_run_removes_its_temporary_files(tmp_path):
-    src = write_jsonl(tmp_path / "in.jsonl", documents(3000))
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input", src, "--quiet",
-           "--output-prefix", str(tmp_path / "o"), *BYTE, "--word-boundaries", "unidic-lite"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while not glob.glob(str(tmp_path / "o_text_document.bin.tmp*")) and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait() != 0
+    assert start_and_signal_mid_write(tmp_path, signal.SIGTERM).wait() != 0
     assert not glob.glob(str(tmp_path / "o_*"))
 
 

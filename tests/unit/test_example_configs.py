@@ -1,10 +1,12 @@
-"""Every YAML in examples/ validates and dry-runs (the quickstart used to check this on each run)."""
+"""Every YAML in examples/ dry-runs into the model its card describes, in the layout it configures."""
 
 import json
 from pathlib import Path
 
 import pytest
+import yaml
 
+from megatron_jp.models.presets import REPORTED_PARAMS
 from megatron_jp.train import main as train_main
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -17,9 +19,16 @@ def dry_run(capsys, *args: str) -> dict:
 
 
 @pytest.mark.parametrize("path", SEED_CONFIGS, ids=lambda p: p.stem)
-def test_seed_config_dry_runs_with_its_preset(capsys, path):
+def test_seed_config_dry_runs_into_its_cards_model_and_layout(capsys, path):
     summary = dry_run(capsys, "--config", str(path))
-    assert summary["preset"] == path.stem and summary["params_total"] > summary["params_non_embedding"] > 0
+    total, non_embedding = REPORTED_PARAMS[path.stem]
+    assert summary["preset"] == path.stem
+    assert abs(summary["params_total"] - total) <= 0.02 * total  # the presets' tolerance (test_presets.py)
+    assert non_embedding is None or abs(summary["params_non_embedding"] - non_embedding) <= 0.02 * non_embedding
+    parallel = yaml.safe_load(path.read_text()).get("parallel", {})
+    assert summary["tensor"] == parallel.get("tensor", 1) and summary["pipeline"] == parallel.get("pipeline", 1)
+    assert summary["zero1"] == parallel.get("zero1", False)
+    assert summary["memory_per_rank_bytes"] > 2 * summary["params_total"] / summary["tensor"] / summary["pipeline"]
 
 
 def test_quickstart_config_dry_runs_once_the_vocabulary_is_known(capsys):

@@ -13,12 +13,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForMaskedLM
 
+from megatron_jp.config import preset
 from megatron_jp.models.encoder import build_encoder
 from megatron_jp.models.hf import choose_target, export_hf, import_hf
-from megatron_jp.models.presets import preset
 
 VOCAB = 96
-TOLERANCE = 1e-4
+TOLERANCE = 1e-4  # fp32 reordering costs ~1e-6 here; a wiring error moves logits by > 1e-2 (module doc)
 
 CONFIGS = {
     "eurobert": preset("tiny", vocab_size=VOCAB, rope_theta=5000.0),
@@ -27,7 +27,7 @@ CONFIGS = {
                                       decoder_bias=True, num_layers=2),
     "modernbert": preset("tiny-modernbert", vocab_size=VOCAB, sliding_window=8),
     "modernbert-tanh-untied": preset("tiny-modernbert", vocab_size=VOCAB, activation="geglu_tanh",
-                                     tie_embeddings=False, norm_bias=True, num_layers=4),
+                                     head_activation="gelu_tanh", tie_embeddings=False, norm_bias=True, num_layers=4),
     "bert": preset("tiny-bert", vocab_size=VOCAB, hidden_dropout=0.0, attention_dropout=0.0),
     "custom-retrieva-like": preset("retrieva-bert-1.3b", vocab_size=VOCAB, hidden_size=64, num_layers=3,
                                    num_heads=4, num_kv_heads=1, ffn_hidden_size=96, max_position_embeddings=64),
@@ -133,3 +133,38 @@ def test_flex_attention_block_masks_match_dense_masks(name):
         got = flex(ids, segment_ids=segments).logits
     real = segments > 0
     torch.testing.assert_close(got[real], expected[real], rtol=0, atol=1e-5)
+
+
+def test_custom_export_survives_any_import_form_in_the_encoder_source(tmp_path, monkeypatch):
+    """The generated modeling file drops megatron_jp imports by syntax, not by line: a multi-line
+    import (which a line filter would cut in half) still exports a model that loads and matches."""
+    from megatron_jp.models import encoder as encoder_module
+    from megatron_jp.models.hf import custom
+
+    source = open(encoder_module.__file__, encoding="utf-8").read()
+    assert "from megatron_jp.ops.glu import glu\n" in source
+    changed = source.replace("from megatron_jp.ops.glu import glu\n",
+                             "from megatron_jp.ops.glu import (  # noqa: an import over lines\n    glu,\n)\n")
+    generate = custom.modeling_source
+    monkeypatch.setattr(custom, "modeling_source", lambda: generate({encoder_module.__name__: changed}))
+    cfg = CONFIGS["custom-retrieva-like"]
+    ours = build_encoder(cfg, seed=3).eval()
+    export_hf(ours.state_dict(), cfg, tmp_path / "hf", special={"pad": 0})
+    assert "    glu,\n)" not in (tmp_path / "hf" / custom.MODELING_FILE).read_text()
+    ids, mask = padded_batch([9, 5])
+    with torch.no_grad():
+        expected = load_hf(tmp_path / "hf", "custom")(input_ids=ids, attention_mask=mask).logits
+        got = ours(ids, segment_ids=mask).logits
+    assert (got[mask.bool()] - expected[mask.bool()]).abs().max().item() <= TOLERANCE
+
+
+def test_custom_export_refuses_a_name_it_cannot_define():
+    from megatron_jp.models import encoder as encoder_module
+    from megatron_jp.models.hf import custom
+
+    source = open(encoder_module.__file__, encoding="utf-8").read()
+    changed = source.replace("from megatron_jp.ops.glu import glu\n",
+                             "from megatron_jp.ops.glu import glu\nfrom megatron_jp.ops.glu import glu_forward\n")
+    changed = changed.replace("glu(h, self.activation)", "glu_forward(h, self.activation)")
+    with pytest.raises(RuntimeError, match="lacks glu_forward"):
+        custom.modeling_source({encoder_module.__name__: changed})

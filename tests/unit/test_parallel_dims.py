@@ -1,10 +1,10 @@
-"""ParallelDims: one rank grid, coordinates from it, impossible layouts refused before any group."""
+"""ParallelDims: one rank grid, coordinates from it; impossible layouts refused by validation, before
+any group exists."""
 
 import numpy as np
 import pytest
 
-from megatron_jp.config import Config, ConfigError
-from megatron_jp.models.presets import preset
+from megatron_jp.config import Config, ConfigError, preset, validate
 from megatron_jp.parallel.dims import ParallelDims, launch_env, rank_grid
 
 
@@ -38,9 +38,9 @@ def _cfg(**parallel):
     (dict(tensor=2, data=3), 4, "parallel.data"),
 ])
 def test_impossible_layouts_are_refused_before_any_process_group(parallel, world, match):
-    # no process group is initialised in this process: a refusal must come from validation
+    # no process group is initialised in this process: the refusal comes from validation
     with pytest.raises(ConfigError, match=match):
-        ParallelDims.from_config(_cfg(**parallel), world, rank=0)
+        validate(_cfg(**parallel), world)
 
 
 def test_a_multi_rank_world_without_torch_distributed_says_how_to_initialise():

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from megatron_jp.models.presets import preset
+from megatron_jp.config import preset
 from megatron_jp.parallel.dims import ParallelDims
 from megatron_jp.parallel.model import build_parallel_model, full_shapes
 

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from megatron_jp.config import Config, OptimConfig
+from megatron_jp.config import preset
 from megatron_jp.models.encoder import build_encoder
-from megatron_jp.models.presets import preset
 from megatron_jp.parallel import (ParallelDims, build_optimizer, build_parallel_model, eval_step, memory_breakdown,
                                   train_step)
 from megatron_jp.parallel.testing import reference_run, synthetic_micro_batches
-from megatron_jp.training.optim import adamw_update_, param_groups
+from megatron_jp.parallel.adamw import adamw_update_, param_groups
 
 LR = 1e-3
 OPTIM = OptimConfig(lr=LR, clip_grad=0.5)  # a small clip threshold makes clipping active
@@ -31,23 +31,24 @@ def test_adamw_update_matches_torch_adamw_step_for_step():
         p_ref.grad = g.clone()
         opt.step()
         p.mul_(1 - LR * 0.1)
-        adamw_update_(p, g, m, v, step=step, lr=LR, beta1=0.9, beta2=0.98, eps=1e-6)
+        adamw_update_([p], [g], [m], [v], step=step, lr=LR, beta1=0.9, beta2=0.98, eps=1e-6)
         # identical formula and operation order: equal up to the last ulp
         torch.testing.assert_close(p, p_ref.detach(), rtol=0, atol=1e-7)
 
 
 def test_fused_adamw_kernel_matches_the_written_out_update():
     torch.manual_seed(0)
-    p = torch.randn(300)
-    q = p.clone()
-    m, v, m2, v2 = (torch.zeros(300) for _ in range(4))
+    p = [torch.randn(300), torch.randn(7)]  # several tensors in one call, as the optimizer's buckets
+    q = [t.clone() for t in p]
+    m, v, m2, v2 = ([torch.zeros_like(t) for t in p] for _ in range(4))
     for step in range(1, 4):
-        g = torch.randn(300)
+        g = [torch.randn_like(t) for t in p]
         adamw_update_(p, g, m, v, step=step, lr=LR, beta1=0.9, beta2=0.98, eps=1e-6, fused=False)
         adamw_update_(q, g, m2, v2, step=step, lr=LR, beta1=0.9, beta2=0.98, eps=1e-6, fused=True)
     # same formula, different operation order inside the kernel: ulp-level differences
-    torch.testing.assert_close(q, p, rtol=0, atol=1e-7)
-    torch.testing.assert_close(m2, m, rtol=0, atol=0)
+    for got, want, moment, moment_want in zip(q, p, m2, m):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+        torch.testing.assert_close(moment, moment_want, rtol=0, atol=0)
 
 
 def test_weight_decay_skips_norms_and_biases():
@@ -67,7 +68,7 @@ def test_single_process_parallel_model_trains_like_the_plain_encoder(name):
     for batches, loss, norm in zip(steps, losses, norms):
         out = train_step(model, optimizer, batches, ONE, LR)
         # same arithmetic up to summation order: fp32 reassociation, ~1e-7 relative
-        assert out["loss"] == pytest.approx(loss, rel=1e-5) and out["grad_norm"] == pytest.approx(norm, rel=1e-5)
+        assert out.loss == pytest.approx(loss, rel=1e-5) and out.grad_norm == pytest.approx(norm, rel=1e-5)
     full = model.full_state_dict()
     assert full.keys() == state.keys()
     for key, want in state.items():
@@ -88,10 +89,10 @@ def test_a_step_with_a_non_finite_loss_is_skipped_without_touching_weights_or_mo
     head.data.fill_(float("nan"))
     out = train_step(model, optimizer, batches, ONE, LR)
     head.data.copy_(saved)
-    assert out["skipped"] and optimizer.step_count == 1
+    assert out.skipped and optimizer.step_count == 1
     assert all(torch.equal(i.param, before[i.spec.full_name]) for i in model.infos)
     assert all(torch.equal(s.exp_avg, m) for s, m in zip(optimizer.shards, moments))
-    assert not train_step(model, optimizer, batches, ONE, LR)["skipped"] and optimizer.step_count == 2
+    assert not train_step(model, optimizer, batches, ONE, LR).skipped and optimizer.step_count == 2
 
 
 def test_eval_step_reports_the_plain_encoders_loss_and_accuracy():
@@ -103,9 +104,9 @@ def test_eval_step_reports_the_plain_encoders_loss_and_accuracy():
     with torch.no_grad():
         outputs = [plain(b["input_ids"], b["labels"], b["segment_ids"], b["position_ids"]) for b in batches]
     logits, targets = torch.cat([o.logits for o in outputs]), torch.cat([o.targets for o in outputs])
-    assert out["num_tokens"] == targets.numel()
-    assert out["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, targets).item(), rel=1e-5)
-    assert out["accuracy"] == pytest.approx((logits.argmax(-1) == targets).float().mean().item(), abs=1e-9)
+    assert out.num_tokens == targets.numel()
+    assert out.loss == pytest.approx(torch.nn.functional.cross_entropy(logits, targets).item(), rel=1e-5)
+    assert out.accuracy == pytest.approx((logits.argmax(-1) == targets).float().mean().item(), abs=1e-9)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -5,11 +5,9 @@ import math
 import pytest
 import torch
 
-from megatron_jp.config import ConfigError, OptimConfig
-from megatron_jp.models.presets import preset
+from megatron_jp.config import ConfigError, OptimConfig, RampUp, Stages, preset
 from megatron_jp.training.flops import effective_seq_length, flops_per_token, matmul_params, mfu
-from megatron_jp.training.schedules import (BatchSizeSchedule, global_batch_size, learning_rate, parse_rampup,
-                                            parse_stages, stage_value)
+from megatron_jp.training.schedules import BatchSizeSchedule, StagedSchedule, global_batch_size, learning_rate
 
 
 def lrs(schedule, steps=100, **kw):
@@ -41,25 +39,32 @@ def test_wsd_is_flat_then_decays_as_one_minus_sqrt():
 
 
 def test_stages_give_the_value_of_the_last_begun_stage():
-    stages = parse_stages("0:128, 31000:256,250000:512", "data.seq_length_stages", int)
-    assert [stage_value(stages, s, 999) for s in (0, 30999, 31000, 10**6)] == [128, 128, 256, 512]
-    assert stage_value([], 5, 0.15) == 0.15
+    stages = StagedSchedule.of(Stages.parse("0:128, 31000:256,250000:512", "data.seq_length_stages"), 999)
+    assert [stages(s) for s in (0, 30999, 31000, 10**6)] == [128, 128, 256, 512]
+    assert StagedSchedule.of(Stages(), 0.15)(5) == 0.15
+
+
+def test_stages_are_parsed_once_into_typed_values_and_written_back_as_text():
+    stages = Stages.parse("0:0.5, 200000:0.3", "data.mask_prob_stages")
+    assert stages.points == ((0, 0.5), (200000, 0.3)) and str(stages) == "0:0.5,200000:0.3"
+    assert Stages.parse("0:128,1000:256", "k").values() == [128, 256]
+    assert all(isinstance(v, int) for v in Stages.parse("0:128,1000:256", "k").values())
 
 
 @pytest.mark.parametrize("text", ["5:128", "0:128,0:256", "0-128", "0:abc"])
 def test_malformed_stages_are_refused_naming_the_key(text):
     with pytest.raises(ConfigError, match="data.seq_length_stages"):
-        parse_stages(text, "data.seq_length_stages", int)
+        Stages.parse(text, "data.seq_length_stages")
 
 
 def test_batch_size_ramps_up_in_equal_stages():
-    rampup = parse_rampup("16 16 100")
+    rampup = RampUp.parse("16 16 100", "train.rampup_batch_size")
     sizes = [global_batch_size(s, rampup, 64) for s in range(0, 120, 10)]
     assert sizes[0] == 16 and sizes[-1] == 64 and sorted(sizes) == sizes
     assert set(sizes) == {16, 32, 48, 64}
     assert global_batch_size(3, None, 64) == 64
     with pytest.raises(ConfigError, match="train.rampup_batch_size"):
-        parse_rampup("16 16")
+        RampUp.parse("16 16", "train.rampup_batch_size")
 
 
 def test_effective_sequence_length_of_packed_documents():
@@ -81,7 +86,7 @@ def test_flops_per_token_follows_the_encoder_formula():
 
 
 def test_batch_size_schedule_maps_sample_positions_back_to_their_step():
-    schedule = BatchSizeSchedule(parse_rampup("4 4 9"), 16)
+    schedule = BatchSizeSchedule(RampUp(4, 4, 9), 16)
     assert [schedule(s) for s in range(11)] == [4, 4, 4, 8, 8, 8, 12, 12, 12, 16, 16]
     for step in range(14):
         first = schedule.consumed_at(step)

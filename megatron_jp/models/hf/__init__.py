@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megatron_jp.config import ModelConfig
+from megatron_jp.models.encoder import tie
 from megatron_jp.models.hf import bert, custom, eurobert, modernbert
 from megatron_jp.models.hf.keymap import from_hf_state, to_hf_state
 
@@ -29,11 +30,11 @@ def choose_target(cfg: ModelConfig, name: str = "auto"):
     if name != "auto":
         if name not in TARGETS:
             raise ValueError(f"unknown export target {name!r}; choose auto or one of {', '.join(TARGETS)}")
-        reason = TARGETS[name].fits(cfg)
+        reason = TARGETS[name].unsupported(cfg)
         if reason:
             raise ValueError(f"this model cannot be exported as {name}: {reason}")
         return TARGETS[name]
-    return next((m for m in NATIVE.values() if m.fits(cfg) is None), custom)
+    return next((m for m in NATIVE.values() if m.unsupported(cfg) is None), custom)
 
 
 def export_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | os.PathLike,
@@ -100,6 +101,4 @@ def import_hf(hf_dir: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.T
                          f"supported: {', '.join(BY_MODEL_TYPE)}")
     cfg = module.model_config(hf)
     state = from_hf_state(module.entries(cfg), read_hf_tensors(hf_dir), str(hf_dir))
-    if cfg.tie_embeddings:  # tied: the decoder is the embedding (HF files store it once)
-        state["head.decoder.weight"] = state["embeddings.tok.weight"]
-    return cfg, state
+    return cfg, tie(state, cfg)  # tied: the decoder is the embedding (HF files store it once)

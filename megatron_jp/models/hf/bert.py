@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from megatron_jp.config import ModelConfig
-from megatron_jp.models.hf.keymap import Entry, check_fits, linear, norm, one, qkv_sizes, split
+from megatron_jp.models.hf.keymap import Entry, unmet, linear, norm, one, qkv_sizes, split
 
 ARCHITECTURE = "BertForMaskedLM"
 MODEL_TYPE = "bert"
 
 
-def fits(cfg: ModelConfig) -> str | None:
-    return check_fits({
+def unsupported(cfg: ModelConfig) -> str | None:
+    """Why this class cannot hold `cfg` (the conditions it fails), or None when it can."""
+    return unmet({
         "norm=layernorm with bias": cfg.norm == "layernorm" and cfg.norm_bias,
         "norm_position=post": cfg.norm_position == "post",
         "activation=gelu": cfg.activation == "gelu",

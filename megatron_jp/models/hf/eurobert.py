@@ -7,14 +7,15 @@ zero biases where it has none. Its MLM head is one Linear whose bias follows `ml
 from __future__ import annotations
 
 from megatron_jp.config import ModelConfig
-from megatron_jp.models.hf.keymap import Entry, check_fits, one, qkv_sizes, split
+from megatron_jp.models.hf.keymap import Entry, unmet, one, qkv_sizes, split
 
 ARCHITECTURE = "EuroBertForMaskedLM"
 MODEL_TYPE = "eurobert"
 
 
-def fits(cfg: ModelConfig) -> str | None:
-    return check_fits({
+def unsupported(cfg: ModelConfig) -> str | None:
+    """Why this class cannot hold `cfg` (the conditions it fails), or None when it can."""
+    return unmet({
         "norm=rmsnorm": cfg.norm == "rmsnorm",
         "norm_position=pre": cfg.norm_position == "pre",
         "activation=swiglu": cfg.activation == "swiglu",

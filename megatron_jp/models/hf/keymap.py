@@ -60,7 +60,7 @@ def from_hf_state(entries: list[Entry], hf: dict[str, torch.Tensor], source: str
     return ours
 
 
-def check_fits(conditions: dict[str, bool], target: str) -> str | None:
+def unmet(conditions: dict[str, bool], target: str) -> str | None:
     """None when every condition holds, else a sentence naming those that fail."""
     failed = [name for name, ok in conditions.items() if not ok]
     return f"{target} needs {', '.join(failed)}" if failed else None

@@ -9,15 +9,17 @@ transformers 4.48+ and 5.x both read.
 from __future__ import annotations
 
 from megatron_jp.config import ModelConfig
-from megatron_jp.models.hf.keymap import Entry, check_fits, linear, norm, one
+from megatron_jp.models.hf.keymap import Entry, unmet, linear, norm, one
 
 ARCHITECTURE = "ModernBertForMaskedLM"
 MODEL_TYPE = "modernbert"
-ACTIVATIONS = {"geglu": "gelu", "geglu_tanh": "gelu_pytorch_tanh"}
+ACTIVATIONS = {"geglu": "gelu", "geglu_tanh": "gelu_pytorch_tanh"}  # our GLU -> hidden_activation
+HEAD_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}  # our head -> classifier_activation
 
 
-def fits(cfg: ModelConfig) -> str | None:
-    return check_fits({
+def unsupported(cfg: ModelConfig) -> str | None:
+    """Why this class cannot hold `cfg` (the conditions it fails), or None when it can."""
+    return unmet({
         "norm=layernorm": cfg.norm == "layernorm",
         "norm_position=pre": cfg.norm_position == "pre",
         "activation=geglu or geglu_tanh": cfg.activation in ACTIVATIONS,
@@ -27,7 +29,6 @@ def fits(cfg: ModelConfig) -> str | None:
         "final_norm": cfg.final_norm,
         "no token types": cfg.type_vocab_size == 0,
         "head_type=transform": cfg.head_type == "transform",
-        "head_activation=gelu": cfg.head_activation == "gelu",
         "multi-head attention (num_kv_heads = num_heads)": cfg.n_kv_heads == cfg.num_heads,
         "head_dim = hidden_size / num_heads": cfg.dim_per_head * cfg.num_heads == cfg.hidden_size,
         "qkv_bias == attn_out_bias": cfg.qkv_bias == cfg.attn_out_bias,
@@ -39,7 +40,7 @@ def hf_config(cfg: ModelConfig, special: dict) -> dict:
         "architectures": [ARCHITECTURE], "model_type": MODEL_TYPE,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads, "intermediate_size": cfg.ffn_hidden_size,
-        "hidden_activation": ACTIVATIONS[cfg.activation], "classifier_activation": "gelu",
+        "hidden_activation": ACTIVATIONS[cfg.activation], "classifier_activation": HEAD_ACTIVATIONS[cfg.head_activation],
         "max_position_embeddings": cfg.max_position_embeddings, "norm_eps": cfg.norm_eps,
         "norm_bias": cfg.norm_bias, "attention_bias": cfg.qkv_bias, "mlp_bias": cfg.mlp_bias,
         "classifier_bias": cfg.head_bias, "decoder_bias": cfg.decoder_bias,
@@ -67,11 +68,17 @@ def _global_every(hf: dict) -> int:
     return local[0] + 1 if local else 1
 
 
+def _ours(names: dict[str, str], hf: dict, key: str) -> str:
+    ours = {v: k for k, v in names.items()}.get(hf.get(key, "gelu"))
+    if ours is None:
+        raise ValueError(f"ModernBERT {key} {hf.get(key)!r} is not supported; supported: {', '.join(names.values())}")
+    return ours
+
+
 def model_config(hf: dict) -> ModelConfig:
     every = _global_every(hf)
-    activation = {v: k for k, v in ACTIVATIONS.items()}.get(hf.get("hidden_activation", "gelu"))
-    if activation is None:
-        raise ValueError(f"ModernBERT hidden_activation {hf.get('hidden_activation')!r} is not supported")
+    activation = _ours(ACTIVATIONS, hf, "hidden_activation")
+    head_activation = _ours(HEAD_ACTIVATIONS, hf, "classifier_activation")
     return ModelConfig(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
         num_heads=hf["num_attention_heads"], ffn_hidden_size=hf["intermediate_size"], activation=activation,
@@ -86,7 +93,7 @@ def model_config(hf: dict) -> ModelConfig:
         init_std=hf.get("initializer_range", 0.02), attention_dropout=hf.get("attention_dropout", 0.0),
         hidden_dropout=hf.get("mlp_dropout", 0.0),
         norm="layernorm", norm_position="pre", position_embedding="rope", embedding_norm=True,
-        first_layer_attn_norm=False, final_norm=True, head_type="transform",
+        first_layer_attn_norm=False, final_norm=True, head_type="transform", head_activation=head_activation,
     )
 
 

@@ -1,8 +1,8 @@
-"""AdamW without the learning-rate schedule: which parameters decay, and the update itself.
+"""AdamW's math without the learning-rate schedule: which parameters decay, and the update itself.
 
 `adamw_update_` is torch.optim.AdamW's single-tensor update written out, so the sharded optimizer
-(megatron_jp.parallel.optimizer), which updates flat fp32 slices of many parameters at once, matches
-the single-process torch optimizer step for step. Schedules live in training/schedules.py.
+(parallel/optimizer.py), which updates flat fp32 slices of many parameters at once, matches the
+single-process torch optimizer step for step. Schedules live in training/schedules.py.
 """
 
 from __future__ import annotations
@@ -35,25 +35,30 @@ def torch_adamw(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 
 
 @torch.no_grad()
-def adamw_update_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                  *, step: int, lr: float, beta1: float, beta2: float, eps: float, fused: bool | None = None) -> None:
-    """One Adam step in place on fp32 tensors (decoupled weight decay is applied by the caller, on
-    the decayed ranges only, before this call: param *= 1 - lr * weight_decay).
+def adamw_update_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                  exp_avg_sqs: list[torch.Tensor], *, step: int, lr: float, beta1: float, beta2: float, eps: float,
+                  fused: bool | None = None) -> None:
+    """One Adam step in place on lists of fp32 tensors (decoupled weight decay is applied by the
+    caller, on the decayed ranges only, before this call: param *= 1 - lr * weight_decay).
 
-    fused (default: on CUDA) runs torch's fused AdamW kernel, one pass over the four tensors instead
-    of seven; the written-out form stays the CPU path, identical to torch.optim.AdamW(foreach=False).
+    fused (default: on CUDA) runs torch's fused AdamW kernel over all the tensors in one launch, one
+    pass over the four tensors instead of seven, with the step count made on the device (no host
+    copy); the written-out form stays the CPU path, identical to torch.optim.AdamW(foreach=False).
     """
-    if param.is_cuda if fused is None else fused:
-        steps = [torch.tensor(float(step), device=param.device)]
-        torch._fused_adamw_([param], [grad], [exp_avg], [exp_avg_sq], [], steps, lr=lr, beta1=beta1, beta2=beta2,
+    if not params:
+        return
+    if params[0].is_cuda if fused is None else fused:
+        steps = [torch.full((), float(step), device=p.device) for p in params]
+        torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=lr, beta1=beta1, beta2=beta2,
                             weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
         return
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     bias_correction1 = 1 - beta1 ** step
     bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
-    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-    param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+    for param, grad, exp_avg, exp_avg_sq in zip(params, grads, exp_avgs, exp_avg_sqs):
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+        param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
 
 
 def clip_coefficient(total_norm: float, max_norm: float) -> float:

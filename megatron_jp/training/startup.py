@@ -1,0 +1,71 @@
+"""What a run settles before any process group exists, after the one validation of its config
+(config.validate, for the launcher's world size): where it starts from, and its vocabulary.
+
+    validate(cfg, world)                    # once per run, at this boundary
+    start = starting_checkpoint(cfg)        # CKPT_DIR/latest, else checkpoint.load, else None
+    resolve_vocab(cfg, start)               # model.vocab_size from the checkpoint or the tokenizer
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_jp.config import Config, ConfigError, check_vocab, padded_vocab_size
+from megatron_jp.data.tokenizers import build_tokenizer
+from megatron_jp.training.checkpoint import find_latest, read_config, resolve_checkpoint
+
+
+def checkpoint_dir(cfg: Config) -> Path:
+    return Path(cfg.checkpoint.dir or Path(cfg.run.dir) / "checkpoints")
+
+
+@dataclass(frozen=True)
+class Start:
+    """The checkpoint a run starts from."""
+
+    path: Path  # an iteration folder
+    resume: bool  # True: this run's CKPT_DIR/latest, continued; False: checkpoint.load, a new phase
+
+
+def starting_checkpoint(cfg: Config) -> Start | None:
+    """CKPT_DIR/latest (resume), else checkpoint.load (a new phase), else None (a fresh start)."""
+    latest = find_latest(checkpoint_dir(cfg))
+    if latest is not None:
+        return Start(latest, resume=True)
+    if cfg.checkpoint.load:
+        return Start(resolve_checkpoint(cfg.checkpoint.load), resume=False)
+    return None
+
+
+def resolve_vocab(cfg: Config, start: Start | None = None, require_tokenizer: bool = True) -> None:
+    """Fill model.vocab_size (0: take it) from the starting checkpoint or the tokenizer (padded for
+    tensor parallelism), or check that a fixed size covers the tokenizer. Runs after validate(),
+    which checked a fixed size against parallel.tensor.
+
+    A checkpoint's padded size is kept: it depends on the tensor-parallel size that wrote it. A dry
+    run of a preset that fixes its vocabulary may name a tokenizer that is not on this machine yet
+    (planning a cluster run): then the check is skipped with a note instead of failing.
+    """
+    m, d = cfg.model, cfg.data
+    if start is not None and m.vocab_size == 0:
+        m.vocab_size = read_config(start.path).model.vocab_size
+        tensor = cfg.parallel.tensor
+        if m.vocab_size % tensor:
+            raise ConfigError(f"{start.path} has {m.vocab_size} vocabulary rows, not divisible by parallel.tensor "
+                              f"({tensor}): resume with a tensor-parallel size that divides it")
+    needs_file = d.tokenizer_type != "ByteTokenizer"
+    if m.vocab_size == 0 and needs_file and not os.path.exists(d.tokenizer_model):
+        raise ConfigError(f"model.vocab_size is 0 (take it from the tokenizer) but data.tokenizer_model "
+                          f"({d.tokenizer_model or 'empty'}) does not exist: set it, or model.vocab_size")
+    if m.vocab_size and not (needs_file and os.path.exists(d.tokenizer_model)):
+        if require_tokenizer and needs_file:
+            raise ConfigError(f"data.tokenizer_model {d.tokenizer_model or '(empty)'} does not exist")
+        if not require_tokenizer:
+            print(f"note: tokenizer {d.tokenizer_model or d.tokenizer_type} not loaded; vocabulary check skipped")
+            return
+    tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model)
+    if m.vocab_size == 0:
+        m.vocab_size = padded_vocab_size(tokenizer.vocab_size, m, cfg.parallel.tensor)
+    check_vocab(m, tokenizer.vocab_size, d.tokenizer_model or d.tokenizer_type)

@@ -221,11 +221,14 @@ def _publish(tmp: str, final: str) -> None:
         if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
             raise
         shutil.rmtree(tmp, ignore_errors=True)  # another builder won the race: same bytes, keep theirs
-    dir_fd = os.open(os.path.dirname(final), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    try:  # make the rename durable; some network file systems refuse fsync on a folder
+        dir_fd = os.open(os.path.dirname(final), os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
 
 
 def _write_json(path: str, obj) -> None:

@@ -6,10 +6,11 @@ Generates a Japanese JSONL corpus of --mb megabytes in a temp dir (sentences of
 tests/data/ja_sample.txt shuffled into documents, with random numbers mixed in) and trains a small
 SentencePiece model on the fixture. Then, --repeat times in turn (best of each kept, since the
 machine may be shared):
-- MeCab alone on the same texts (one process, texts already in memory, after a warm-up; only the
-  parse loop timed): `fugashi.Tagger()` with unidic-lite (the usual fugashi call, a node per word)
-  and `GenericTagger -Owakati` line by line (the cheapest way to get word boundaries from MeCab,
-  and what preprocess_data calls);
+- in one process, blocks of 200 documents in turn (so a change of load hits all alike; CPU time,
+  after a warm-up): MeCab alone, `fugashi.Tagger()` with unidic-lite (the usual fugashi call, a
+  node per word) and `GenericTagger -Owakati` line by line (the cheapest way to get word
+  boundaries from MeCab, and what preprocess_data calls), and a worker's whole word-boundary path
+  on the same lines (JSON, tokenizer with offsets, MeCab, alignment);
 - preprocess_data with each worker count, without and with --word-boundaries unidic-lite (its own
   timers: reading, JSON, tokenizing, MeCab, alignment, writing, the pool's start-up).
 Speed per core is MB per CPU-second (wall-clock speeds on a loaded machine measure the load);
@@ -55,28 +56,36 @@ MECAB_ALONE = r"""
 import json, sys, time
 import fugashi, unidic_lite
 sys.path.insert(0, {root!r})
+from megatron_jp.data import preprocess
 from megatron_jp.data.segment import text_chunks
-texts = [json.loads(line)["text"] for line in open({corpus!r}, encoding="utf-8")]
-mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
+lines = open({corpus!r}, "rb").read().splitlines(keepends=True)
+texts = [json.loads(line)["text"] for line in lines]
 wakati = fugashi.GenericTagger(f'-d "{{unidic_lite.DICDIR}}" -r /dev/null -Owakati')
 nodes = fugashi.Tagger()
-out = {{}}
-parsers = (("wakati", lambda t: [wakati.parse(c) for _, c in text_chunks(t)]),
-           ("tagger", lambda t: [w.surface for w in nodes(t)]))
-for name, parse in parsers:
-    for t in texts[:300]:  # warm up: the first pass pages the dictionary in
-        parse(t)
-    t0, c0 = time.perf_counter(), time.process_time()
-    for t in texts:
-        parse(t)
-    out[name] = {{"wall": mb / (time.perf_counter() - t0), "cpu": mb / (time.process_time() - c0)}}
-print(json.dumps(out))
+preprocess.init_worker({{"keys": ["text"], "tokenizer_type": {tokenizer_type!r}, "tokenizer_model": {model!r},
+                         "word_boundaries": "unidic-lite", "append_eod": False, "dtype": "<u2"}})
+runs = {{
+    "wakati": lambda lo, hi: [wakati.parse(c) for t in texts[lo:hi] for _, c in text_chunks(t)],
+    "tagger": lambda lo, hi: [w.surface for t in texts[lo:hi] for w in nodes(t)],
+    "pipeline": lambda lo, hi: preprocess.process_chunk(preprocess.Chunk("x", list(enumerate(lines[lo:hi])))),
+}}
+for run in runs.values():  # warm up: the first pass pages the dictionary in
+    run(0, 300)
+cpu = dict.fromkeys(runs, 0.0)
+for lo in range(0, len(texts), 200):  # blocks in turn: a change of load hits all three alike
+    for name, run in runs.items():
+        c0 = time.process_time()
+        run(lo, lo + 200)
+        cpu[name] += time.process_time() - c0
+mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
+print(json.dumps({{name: mb / seconds for name, seconds in cpu.items()}}))
 """
 
 
-def mecab_alone(corpus: str) -> dict:
-    """MB per wall / CPU second of MeCab alone: {"wakati": {"wall", "cpu"}, "tagger": {...}}."""
-    code = MECAB_ALONE.format(root=ROOT, corpus=corpus)
+def mecab_alone(args, corpus: str) -> dict:
+    """MB per CPU-second of MeCab alone ("wakati", "tagger") and of the word-boundary pipeline of one
+    worker ("pipeline": JSON, tokenizer, MeCab, alignment), measured in turn on the same documents."""
+    code = MECAB_ALONE.format(root=ROOT, corpus=corpus, tokenizer_type=args.tokenizer_type, model=args.model)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(proc.stderr)
@@ -121,30 +130,29 @@ def main() -> None:
             args.model = os.path.join(tmp, "spm.model")
         print(f"corpus: {n_docs:,} documents, {mb:.1f} MB; tokenizer {args.tokenizer_type}; {os.cpu_count()} cores; "
               f"load average {os.getloadavg()[0]:.1f}; best of {args.repeat}")
-        alone, speed = {"wakati": None, "tagger": None}, {}
+        alone, speed = None, {}
         for _ in range(args.repeat):
-            for name, figures in mecab_alone(corpus).items():
-                alone[name] = best(alone[name], figures)
+            alone = best(alone, mecab_alone(args, corpus))
             for words in ("none", "unidic-lite"):
                 for workers in args.workers:
                     s = run(args, corpus, os.path.join(tmp, f"out{workers}{words}"), workers, words)
                     figures = {"wall": mb / s["seconds"], "cpu": mb / s["cpu_seconds"],
                                "tokens": s["tokens"] / s["seconds"]}
                     speed[words, workers] = best(speed.get((words, workers)), figures)
-        for name, label in (("tagger", "fugashi.Tagger()"), ("wakati", "GenericTagger -Owakati")):
-            print(f"MeCab alone, {label:22s}: {alone[name]['cpu']:6.2f} MB per CPU-second, "
-                  f"{alone[name]['wall']:6.2f} MB/s")
+        print(f"per core, in turn on the same documents: MeCab alone {alone['tagger']:.2f} (fugashi.Tagger()) and "
+              f"{alone['wakati']:.2f} (GenericTagger -Owakati) MB per CPU-second; the word-boundary pipeline of a "
+              f"worker {alone['pipeline']:.2f}: {100 * alone['pipeline'] / alone['wakati']:.0f}% of -Owakati, "
+              f"{100 * alone['pipeline'] / alone['tagger']:.0f}% of fugashi.Tagger()")
         for (words, workers), f in speed.items():
             print(f"preprocess_data --workers {workers} --word-boundaries {words:11s}: {f['cpu']:6.2f} MB per "
                   f"CPU-second, {f['wall']:6.2f} MB/s, {f['tokens'] / 1e6:5.2f} M tokens/s")
         one = speed["unidic-lite", args.workers[0]]
-        print(f"word boundaries per core: {100 * one['cpu'] / alone['wakati']['cpu']:.0f}% of MeCab -Owakati alone, "
-              f"{100 * one['cpu'] / alone['tagger']['cpu']:.0f}% of fugashi.Tagger() alone")
+        print(f"preprocess_data --word-boundaries unidic-lite per core: {100 * one['cpu'] / alone['wakati']:.0f}% of "
+              f"MeCab -Owakati alone, {100 * one['cpu'] / alone['tagger']:.0f}% of fugashi.Tagger() alone")
         for workers in args.workers[1:]:
             gain = speed["unidic-lite", workers]["wall"] / one["wall"]
             print(f"word boundaries, {workers} workers: {gain:.2f}x the wall-clock speed of {args.workers[0]} "
                   f"({100 * gain * args.workers[0] / workers:.0f}% of linear)")
-
 
 if __name__ == "__main__":
     main()

@@ -12,7 +12,7 @@ a changed input gives another folder and a hash collision is caught.
 Building: under an exclusive `flock` on `{kind}-{digest}.lock` (so one process per node, or per job
 on a shared file system with working locks, builds while the others wait and then map the result),
 into a temporary folder that is renamed into place once the manifest is written: a reader never
-sees a half-written entry. Correctness never rests on the lock: without one (a file system that
+sees a half-written entry (the folders of a killed builder are removed by the next lock holder). Correctness never rests on the lock: without one (a file system that
 refuses flock) two builders produce the same bytes and the second rename fails harmlessly.
 
 Loading checks the manifest (format, full key), every array's file size and a CRC-32 of its first
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -153,8 +154,11 @@ class IndexCache:
             self.mapped += 1
             return entry
         self._make_root()
-        with _Lock(self.path_of(kind, key) + ".lock", self.log):
+        with _Lock(self.path_of(kind, key) + ".lock", self.log) as lock:
             entry = self.load(kind, key)  # another process may have built it while we waited
+            if entry is None and lock.fd is not None:  # nobody else builds this key: leftovers are garbage
+                for leftover in glob.glob(glob.escape(self.path_of(kind, key)) + ".tmp-*"):
+                    shutil.rmtree(leftover, ignore_errors=True)
             if entry is None:
                 self._build(kind, key, build)
                 entry = self.load(kind, key)
@@ -217,11 +221,14 @@ def _publish(tmp: str, final: str) -> None:
         if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
             raise
         shutil.rmtree(tmp, ignore_errors=True)  # another builder won the race: same bytes, keep theirs
-    dir_fd = os.open(os.path.dirname(final), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    try:  # make the rename durable; some network file systems refuse fsync on a folder
+        dir_fd = os.open(os.path.dirname(final), os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
 
 
 def _write_json(path: str, obj) -> None:

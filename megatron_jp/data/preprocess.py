@@ -37,13 +37,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from megatron_jp.data import indexed, provenance
-from megatron_jp.data.segment import SEGMENTERS, build_segmenter, segmenter_flags, text_chunks
+from megatron_jp.data.segment import SEGMENTERS, build_segmenter, segmenter_flags_all, text_chunks
 from megatron_jp.data.tokenizers import TOKENIZER_TYPES, build_tokenizer
 
 CHUNK_BYTES = 1 << 20
 CHUNK_LINES = 4096
 LONG_TEXT_CHARS = 1 << 20  # longer texts are tokenized piecewise (at line breaks) to bound memory
 JOIN_LIMIT = 1 << 22  # ids of a chunk up to this many are sent back as one array
+GROUP_CHARS = 1 << 20  # characters encoded phase by phase (tokenizer, MeCab, alignment) at a time
 REASONS = {
     "invalid_utf8": "invalid UTF-8", "invalid_json": "invalid JSON", "not_object": "not a JSON object",
     "missing_key": "missing key", "not_string": "non-string value", "empty_text": "empty text",
@@ -232,18 +233,42 @@ def _pieces(text: str):
     return [text] if len(text) <= LONG_TEXT_CHARS else (c for _, c in text_chunks(text, LONG_TEXT_CHARS))
 
 
-def _encode(text: str, dtype):
-    """(id arrays in the output dtype, word-flag arrays or None) of one text, piecewise if very long."""
+def _encode_pieces(pieces: list[str], dtype) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """(ids in the output dtype, word flags or None) of each text. With a segmenter in phases: every
+    text through the tokenizer, then every text through MeCab, then the alignment, so that each
+    library's tables stay in the CPU caches (interleaving them per document cost a quarter of the
+    speed: bench/preprocess.py)."""
     tok, seg = _WORKER["tokenizer"], _WORKER["segmenter"]
-    ids, flags = [], []
-    for piece in _pieces(text):
-        if seg is None:
-            ids.append(tok.encode(piece).astype(dtype, copy=False))
-            continue
-        piece_ids, starts, ends = tok.encode_with_offsets(piece)
-        ids.append(piece_ids.astype(dtype, copy=False))
-        flags.append(segmenter_flags(seg, piece, starts, ends))
-    return ids, (flags if seg is not None else None)
+    if seg is None:
+        return [(tok.encode(p).astype(dtype, copy=False), None) for p in pieces]
+    encoded = [tok.encode_with_offsets(p) for p in pieces]
+    flags = segmenter_flags_all(seg, pieces, [(s, e) for _, s, e in encoded])
+    return [(ids.astype(dtype, copy=False), f) for (ids, _, _), f in zip(encoded, flags)]
+
+
+def _encode_docs(texts: list[str], dtype) -> list[tuple[list, list | None]]:
+    """(id arrays, flag arrays or None) of each document; very long ones piecewise, and pieces
+    encoded in groups of about GROUP_CHARS characters, so memory stays bounded."""
+    with_flags = _WORKER["segmenter"] is not None
+    out = [([], [] if with_flags else None) for _ in texts]
+    group, size = [], 0
+
+    def flush():
+        for (doc, _), (ids, flags) in zip(group, _encode_pieces([p for _, p in group], dtype)):
+            out[doc][0].append(ids)
+            if with_flags:
+                out[doc][1].append(flags)
+        group.clear()
+
+    for doc, text in enumerate(texts):
+        for piece in _pieces(text):
+            group.append((doc, piece))
+            size += len(piece)
+            if size >= GROUP_CHARS:
+                flush()
+                size = 0
+    flush()
+    return out
 
 
 def _joined(arrays: list) -> list:
@@ -287,7 +312,8 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
         n_docs += 1
         n_bytes += size
         for key, text in zip(keys, texts):
-            per_key[key].append(_encode(text, dtype))
+            per_key[key].append(text)
+    per_key = {key: _encode_docs(docs, dtype) for key, docs in per_key.items()}
     eod = _WORKER["tokenizer"].eod_id
     tokens = {k: _key_arrays(docs, opts, eod) for k, docs in per_key.items()}
     return ChunkResult(chunk.path, tokens, sorted(errors), n_docs, n_bytes, blanks)

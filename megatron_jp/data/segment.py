@@ -77,9 +77,10 @@ class MecabSegmenter:
     def spans(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         return self._align(text, [s for s in self.parse(text).split(" ") if s])
 
-    def flags(self, text: str, tok_starts, tok_ends) -> np.ndarray:
-        """Word-start flag per token (as word_start_flags over spans), in C++ where it is built."""
-        parsed = self.parse(text)
+    def flags(self, text: str, tok_starts, tok_ends, parsed: str | None = None) -> np.ndarray:
+        """Word-start flag per token (as word_start_flags over spans), in C++ where it is built;
+        `parsed` is self.parse(text) when the caller has it already."""
+        parsed = self.parse(text) if parsed is None else parsed
         if _helpers is not None:
             flags = _helpers.wakati_word_flags(text, parsed, tok_starts, tok_ends)
             if flags is not None:
@@ -182,6 +183,15 @@ def segmenter_flags(segmenter, text: str, tok_starts, tok_ends) -> np.ndarray:
         return segmenter.flags(text, tok_starts, tok_ends)
     m_starts, m_ends = segmenter.spans(text)
     return word_start_flags(tok_starts, tok_ends, m_starts, m_ends, len(text))
+
+
+def segmenter_flags_all(segmenter, texts: list[str], spans: list) -> list[np.ndarray]:
+    """segmenter_flags of each text, with the token spans [(starts, ends)] of each; MeCab parses
+    every text first, then the flags are computed (one library at a time keeps its tables in cache)."""
+    if isinstance(segmenter, MecabSegmenter):
+        parsed = [segmenter.parse(t) for t in texts]
+        return [segmenter.flags(t, s, e, p) for t, (s, e), p in zip(texts, spans, parsed)]
+    return [segmenter_flags(segmenter, t, s, e) for t, (s, e) in zip(texts, spans)]
 
 
 def token_word_flags(tokenizer, segmenter, text: str) -> tuple[np.ndarray, np.ndarray]:

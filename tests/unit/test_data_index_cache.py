@@ -140,6 +140,20 @@ def test_racing_builders_without_a_lock_leave_one_complete_entry(tmp_path):
     assert [p for p in os.listdir(tmp_path) if ".tmp" in p] == []
 
 
+def test_the_next_builder_removes_what_a_killed_builder_left(tmp_path):
+    cache = IndexCache(str(tmp_path), log=lambda msg: None)
+    leftover = cache.path_of("test", {"k": 3}) + ".tmp-otherhost-123"
+    os.makedirs(leftover)
+    open(os.path.join(leftover, "x.bin"), "wb").write(b"partial")
+
+    def build(writer):
+        writer.array("x", np.int64).append(np.arange(3))
+        return {}
+
+    assert np.asarray(cache.get_or_build("test", {"k": 3}, build).arrays["x"]).tolist() == [0, 1, 2]
+    assert not os.path.exists(leftover)
+
+
 def test_unwritable_cache_dir_is_named_with_the_key_to_set(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")

@@ -111,13 +111,14 @@ class ModelConfig:
     hidden_dropout: DropoutRate = 0.0
     """Dropout on embeddings and block outputs."""
     attention_dropout: DropoutRate = 0.0
-    """Dropout on attention probabilities (the sdpa backend; flex_attention has none, so a run with
-    attention dropout uses sdpa)."""
+    """Dropout on attention probabilities. Only SDPA has it: training with it uses SDPA, which on CUDA
+    takes rows that need no mask only (one unpadded document each); the seed models use 0."""
     init_std: PositiveFloat = 0.02
     """Std of the normal initialisation; output projections use init_std / sqrt(2 * num_layers)."""
-    attention_backend: Literal["auto", "sdpa", "flex"] = "auto"
-    """sdpa (dense boolean masks), flex (block-sparse masks; CUDA training) or auto: flex on CUDA when
-    windows or packed documents make the mask sparse, sdpa otherwise."""
+    attention_backend: Literal["auto", "varlen", "flex", "sdpa"] = "auto"
+    """Kernel of packed-document and windowed attention (models/attention.py): varlen (FlashAttention
+    over the concatenated documents, CUDA), flex (block-sparse masks), sdpa (dense masks: CPU only) or
+    auto: sdpa on CPU; on CUDA varlen where torch has it, else flex."""
 
     @property
     def n_kv_heads(self) -> int:
@@ -207,6 +208,14 @@ class TrainConfig:
     max_skipped_steps: Positive = 5
     """A step whose loss or gradient norm is NaN/inf is skipped (no update) and counted; this many
     skipped in a row abort the run."""
+    compile: bool | None = None
+    """torch.compile every transformer block (one graph per block, dynamic shapes: seq-length
+    curricula and document layouts do not recompile). Empty/auto: on for CUDA, off on CPU."""
+    device_memory_gb: PositiveFloat = 80.0
+    """Memory of one accelerator; the dry run and the trainer warn when the memory plan exceeds it."""
+    compile_cache_dir: str = ""
+    """Inductor and Triton caches; a restarted job reuses the compiled kernels instead of compiling
+    again for minutes under the collective timeout. Empty: RUN_DIR/compile_cache."""
 
 
 @dataclass
@@ -251,6 +260,10 @@ class ParallelConfig:
     """Shard norm/dropout regions over the sequence within a tensor-parallel group."""
     zero1: bool = False
     """Shard optimizer state and fp32 master weights over data-parallel ranks."""
+    grad_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Data type of the data-parallel gradient sums. bf16 halves their traffic: each rank's fp32
+    gradient is rounded to bf16 (relative error 2^-9) and NCCL sums in bf16, so the step's gradient
+    carries up to ~dp x 2^-9 relative error per element; accumulation buffers stay fp32."""
 
 
 @dataclass
@@ -462,8 +475,9 @@ def validate_model(m: ModelConfig, tensor: int = 1, chunks: int = 1):
     _check(m.sliding_window > 0 or m.global_attn_every_n_layers == 1,
            f"model.global_attn_every_n_layers = {m.global_attn_every_n_layers} asks for local layers "
            f"but model.sliding_window is 0; set model.sliding_window (e.g. 128)")
-    _check(m.attention_dropout == 0 or m.attention_backend != "flex",
-           "model.attention_dropout needs model.attention_backend sdpa or auto (flex_attention has no dropout)")
+    _check(m.attention_dropout == 0 or m.attention_backend in ("sdpa", "auto"),
+           f"model.attention_dropout needs model.attention_backend sdpa or auto ({m.attention_backend} has no "
+           f"dropout)")
     _check(m.num_heads % tensor == 0,
            f"model.num_heads ({m.num_heads}) must be divisible by parallel.tensor ({tensor})")
     kv = m.n_kv_heads

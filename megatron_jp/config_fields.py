@@ -151,7 +151,7 @@ def section_fields(cls) -> dict[str, FieldType]:
 
 def coerce(value, ftype: FieldType, key: str):
     """Turn a YAML or command-line value into the field's type and check it, or say why it can't be."""
-    if value is None and ftype.optional:
+    if ftype.optional and (value is None or str(value).strip().lower() in ("", "auto", "none", "null")):
         return None
     typed = _convert(value, ftype.base, key)
     if typed is _INVALID:

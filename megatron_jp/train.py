@@ -36,7 +36,7 @@ def world_size_from_env(cfg: Config) -> int:
 
 def dry_run(cfg: Config) -> dict:
     from megatron_jp.models.encoder import build_encoder, count_parameters
-    from megatron_jp.parallel import estimate_memory
+    from megatron_jp.parallel.memory import estimate_memory, memory_warning
     from megatron_jp.training.startup import resolve_vocab
 
     world = world_size_from_env(cfg)
@@ -44,10 +44,13 @@ def dry_run(cfg: Config) -> dict:
     resolve_vocab(cfg, require_tokenizer=False)
     counts = count_parameters(build_encoder(cfg.model, device="meta"))
     p = cfg.parallel
+    warning = memory_warning(cfg, world)
+    if warning:
+        print(f"warning: {warning}")
     return {**counts, "preset": cfg.model.preset or None, "vocab_size": cfg.model.vocab_size,
             "world_size": world, "tensor": p.tensor, "pipeline": p.pipeline,
             "data": data_parallel_size(cfg, world), "zero1": p.zero1, "precision": cfg.train.precision,
-            "memory_per_rank_bytes": estimate_memory(cfg, world)}
+            **estimate_memory(cfg, world)}
 
 
 def main(argv=None) -> int:

@@ -117,22 +117,25 @@ def block_mask(segment_ids: torch.Tensor | None, S: int, window: int, device) ->
 @dataclass(frozen=True)
 class VarlenLayout:
     """The documents of a micro-batch as one concatenated sequence, for varlen_attn: boundaries in
-    the flattened (B * S) token order and the longest document; `window` > 0 on local layers."""
+    the flattened (B * S) token order; `window` > 0 on local layers. `max_seqlen` is the row length,
+    an upper bound of every document: FlashAttention only sizes its grid by it (tiles past a
+    document's end exit at once), and a value fixed per shape keeps compiled code from specialising
+    on the data."""
 
     cu_seqlens: torch.Tensor  # (documents + 1,) int32
     max_seqlen: int
     window: int = 0
 
 
-def varlen_boundaries(segment_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(cu_seqlens int32, max_seqlen) of a (B, S) layout, every run of a row one sequence. Runs on the
-    host before the batch is copied (the loader's CPU tensors): no device synchronisation."""
+def varlen_boundaries(segment_ids: torch.Tensor) -> torch.Tensor:
+    """cu_seqlens (int32) of a (B, S) layout, every run of a row one sequence. Runs on the host
+    before the batch is copied (the loader's CPU tensors): no device synchronisation."""
     B, S = segment_ids.shape
+    seg = segment_ids.cpu()
     change = torch.ones(B, S, dtype=torch.bool)
-    change[:, 1:] = segment_ids[:, 1:].cpu() != segment_ids[:, :-1].cpu()
+    change[:, 1:] = seg[:, 1:] != seg[:, :-1]
     starts = torch.nonzero(change.reshape(-1)).reshape(-1)
-    cu = torch.cat([starts, torch.tensor([B * S])]).to(torch.int32)
-    return cu, int((cu[1:] - cu[:-1]).max())
+    return torch.cat([starts, torch.tensor([B * S])]).to(torch.int32)
 
 
 # ----------------------------------------------------------------------------- the context
@@ -150,9 +153,9 @@ class AttentionContext:
 
     @classmethod
     def build(cls, input_shape, device, segment_ids=None, position_ids=None, backend: str = "auto",
-              windows=(0,), varlen: tuple[torch.Tensor, int] | None = None) -> "AttentionContext":
-        """`varlen` passes (cu_seqlens, max_seqlen) computed on the host (varlen_boundaries); without
-        it they are computed here, at the cost of one device synchronisation."""
+              windows=(0,), cu_seqlens: torch.Tensor | None = None) -> "AttentionContext":
+        """`cu_seqlens` comes computed on the host (varlen_boundaries); without it, the varlen
+        boundaries are computed here at the cost of one device synchronisation."""
         B, S = input_shape
         device = torch.device(device)
         if position_ids is None:
@@ -164,8 +167,8 @@ class AttentionContext:
             if segment_ids is None and window == 0:
                 masks[window] = None  # one unpadded document per row: every kernel's fastest path
             elif backend == "varlen":
-                cu, longest = varlen if varlen is not None else varlen_boundaries(segment_ids)
-                masks[window] = VarlenLayout(cu.to(device, non_blocking=True), longest, window)
+                cu = cu_seqlens if cu_seqlens is not None else varlen_boundaries(segment_ids)
+                masks[window] = VarlenLayout(cu.to(device, non_blocking=True), S, window)
             elif backend == "flex":
                 masks[window] = block_mask(segment_ids, S, window, device)
             else:

@@ -202,12 +202,13 @@ class Encoder(nn.Module):
         if self.cfg.tie_embeddings and self.embeddings is not None and self.head is not None:
             self.head.decoder.weight = self.embeddings.tok.weight
 
-    def attention_context(self, input_ids, segment_ids=None, position_ids=None, varlen=None) -> AttentionContext:
+    def attention_context(self, input_ids, segment_ids=None, position_ids=None,
+                          cu_seqlens=None) -> AttentionContext:
         """The batch layout for every layer of the model (all pipeline chunks share it)."""
         # attention dropout exists only in SDPA: "auto" keeps training runs with it there
         backend = "sdpa" if self.training and self.cfg.attention_dropout else self.cfg.attention_backend
         return AttentionContext.build(input_ids.shape, input_ids.device, segment_ids, position_ids, backend,
-                                      layer_windows(self.cfg), varlen)
+                                      layer_windows(self.cfg), cu_seqlens)
 
     def forward(self, input_ids, labels=None, segment_ids=None, position_ids=None, token_type_ids=None,
                 hidden_states=None, ctx: AttentionContext | None = None, predicted=None,

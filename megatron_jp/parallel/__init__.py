@@ -41,12 +41,13 @@ known by the embedding's name, models.encoder.TIED_EMBEDDING):
     model.load_full_state_dict(full) every rank cuts its shards out of full tensors; then
                                       optimizer.sync_master_from_params().
 
-estimate_memory(cfg, world_size) -> bytes of parameters + gradients + optimizer state on the most
-loaded rank (memory_breakdown() gives the per-stage parts).
+estimate_memory(cfg, world_size) -> {"memory_per_rank_bytes", "activation_bytes"} of the most loaded
+rank: parameters, gradients, optimizer state and activations (memory_breakdown() gives the per-stage
+parts; memory_warning() the advice when they exceed train.device_memory_gb).
 """
 
 from megatron_jp.parallel.dims import ParallelDims, init_process_group, launch_env, rank_grid
-from megatron_jp.parallel.memory import estimate_memory, memory_breakdown
+from megatron_jp.parallel.memory import estimate_memory, memory_breakdown, memory_warning
 from megatron_jp.parallel.model import ParallelModel, build_parallel_model
 from megatron_jp.parallel.optimizer import DistributedOptimizer, build_optimizer
 from megatron_jp.parallel.sharding import ShardedPiece, assemble_full
@@ -55,6 +56,6 @@ from megatron_jp.parallel.step import EvalResult, StepResult, eval_step, train_s
 __all__ = [
     "ParallelDims", "init_process_group", "launch_env", "rank_grid",
     "build_parallel_model", "ParallelModel", "build_optimizer", "DistributedOptimizer",
-    "train_step", "eval_step", "StepResult", "EvalResult", "estimate_memory", "memory_breakdown",
+    "train_step", "eval_step", "StepResult", "EvalResult", "estimate_memory", "memory_breakdown", "memory_warning",
     "ShardedPiece", "assemble_full",
 ]

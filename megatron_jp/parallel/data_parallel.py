@@ -69,6 +69,7 @@ class Bucket:
         self.grads = torch.zeros(plan.numel, dtype=torch.float32, device=device)
         self.ready = 0
         self.work = None
+        self.sent = None  # the tensor being summed: the grads, or their bf16 copy
         self.out = None  # reduce-scatter output
         self.launched = False
 
@@ -77,11 +78,13 @@ class GradBuffers:
     """The buckets of one model replica's local parameters, and the data-parallel gradient sync."""
 
     def __init__(self, root: nn.Module, infos: list[ParamInfo], dims: ParallelDims, device, dtype,
-                 zero1: bool = False, bucket_size: int = DEFAULT_BUCKET_SIZE):
+                 zero1: bool = False, bucket_size: int = DEFAULT_BUCKET_SIZE,
+                 reduce_dtype: torch.dtype = torch.float32):
         self.infos, self.dims = infos, dims
         self.buckets = [Bucket(p, device, dtype) for p in plan_buckets(infos, dims.dp, bucket_size)]
         self.bucket_of: dict[int, Bucket] = {}
         self.shard_grads = zero1 and dims.dp > 1  # ZeRO-1: each rank keeps (and updates) 1/dp of a bucket
+        self.reduce_dtype = reduce_dtype  # bf16: half the traffic, gradients rounded before the sum
         self.sync_enabled = set()  # chunks whose current backward is their last of the step
         self.finished = False
         self._rehome(root)
@@ -132,12 +135,12 @@ class GradBuffers:
         group = self.dims.dp_group
         if group is None:
             return
+        bucket.sent = bucket.grads if self.reduce_dtype == torch.float32 else bucket.grads.to(self.reduce_dtype)
         if self.shard_grads:
-            bucket.out = torch.empty(bucket.plan.numel // self.dims.dp, dtype=torch.float32,
-                                     device=bucket.grads.device)
-            bucket.work = reduce_scatter_single(bucket.out, bucket.grads, group=group, async_op=True)
+            bucket.out = bucket.sent.new_empty(bucket.plan.numel // self.dims.dp)
+            bucket.work = reduce_scatter_single(bucket.out, bucket.sent, group=group, async_op=True)
         else:
-            bucket.work = dist.all_reduce(bucket.grads, group=group, async_op=True)
+            bucket.work = dist.all_reduce(bucket.sent, group=group, async_op=True)
 
     def finish(self):
         """Wait for every bucket's sum (launching those whose parameters got no gradient, in the same
@@ -153,13 +156,15 @@ class GradBuffers:
             if bucket.out is not None:
                 lo, hi = self.owned(bucket)
                 bucket.grads[lo:hi].copy_(bucket.out)
+            elif bucket.sent is not None and bucket.sent is not bucket.grads:
+                bucket.grads.copy_(bucket.sent)
         self._model_parallel_sums()
         self.finished = True
 
     def zero_grad(self):
         for bucket in self.buckets:
             bucket.grads.zero_()
-            bucket.ready, bucket.work, bucket.out, bucket.launched = 0, None, None, False
+            bucket.ready, bucket.work, bucket.sent, bucket.out, bucket.launched = 0, None, None, None, False
         for info in self.infos:
             info.param.grad = None
         self.sync_enabled.clear()

@@ -42,6 +42,7 @@ class ParallelDims:
     mp_group: object = None  # tp x pp ranks of one model replica: gradient norms without ZeRO
     embedding_group: object = None  # first and last stage: tied embedding gradients
     world_group: object = None  # every rank: gradient norms with ZeRO-1 (gradients sharded over dp)
+    host_group: object = None  # every rank, gloo on CPU tensors: host decisions without touching the GPU
     pp_ranks: tuple[int, ...] = ()  # global ranks of this rank's pipeline, stage order
 
     @property
@@ -129,6 +130,7 @@ class ParallelDims:
             # pipeline's first p2p batch involves only two stages, so one collective comes first
             dist.all_reduce(torch.zeros(1, device=self.device), group=self.pp_group)
         self.world_group = dist.group.WORLD
+        self.host_group = dist.new_group(backend="gloo")
         self.pp_ranks = tuple(int(r) for r in grid[:, d, t])
 
     def __repr__(self) -> str:

@@ -29,57 +29,63 @@ def chunk_tokens(vocab_local: int) -> int:
 
 def _softmax_and_loss(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, group):
     """fp32 logits (n, V_local) -> (per-token loss (n,), softmax (n, V_local) in place of the logits,
-    local target index, target-on-this-shard and valid masks)."""
+    local target index, target-on-this-shard mask). Rows of IGNORE_INDEX targets get loss 0 and a
+    zero softmax, hence a zero gradient."""
     logits_max = logits.max(dim=-1).values
     if group_size(group) > 1:
         dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
     logits.sub_(logits_max.unsqueeze(-1))
     local = targets - vocab_start
-    inside = (local >= 0) & (local < logits.shape[-1])
+    valid = targets != IGNORE_INDEX
+    inside = (local >= 0) & (local < logits.shape[-1]) & valid
     local = local.masked_fill(~inside, 0)
     target_logit = logits.gather(1, local.unsqueeze(1)).squeeze(1) * inside
     softmax = logits.exp_()
     both = all_reduce(torch.stack([target_logit, softmax.sum(dim=-1)]), group)
-    valid = targets != IGNORE_INDEX
     loss = (both[1].log() - both[0]) * valid
-    softmax.div_(both[1].unsqueeze(-1))
-    return loss, softmax, local, inside, valid
+    softmax.mul_((valid / both[1]).unsqueeze(-1))  # normalised, and zero on ignored rows, in one pass
+    return loss, softmax, local, inside
+
+
+def _subtract_one_hot(softmax: torch.Tensor, local: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """d loss / d logit = softmax - one_hot(target), in place (targets on this shard only)."""
+    softmax[torch.arange(softmax.shape[0], device=softmax.device), local] -= inside.to(softmax.dtype)
+    return softmax
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, targets, vocab_start, group, chunk):
         grad_x = torch.empty_like(x)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if ctx.needs_input_grad[1] else None
-        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=x.device) \
-            if bias is not None and ctx.needs_input_grad[2] else None
+        grad_w = grad_b = None
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         for start in range(0, x.shape[0], chunk):
             xc, tc = x[start:start + chunk], targets[start:start + chunk]
-            loss, grad, local, inside, valid = _softmax_and_loss(F.linear(xc, weight, bias).float(), tc,
-                                                                 vocab_start, group)
+            loss, softmax, local, inside = _softmax_and_loss(F.linear(xc, weight, bias).float(), tc, vocab_start,
+                                                             group)
             total += loss.sum()
-            # d loss / d logit = softmax - one_hot(target), on valid tokens only
-            grad[torch.arange(grad.shape[0], device=grad.device), local] -= inside.to(grad.dtype)
-            grad.mul_(valid.unsqueeze(-1))
+            grad = _subtract_one_hot(softmax, local, inside)
             g = grad.to(x.dtype)
             grad_x[start:start + chunk] = g @ weight
-            if grad_w is not None:
-                grad_w += (g.t() @ xc).float()
-            if grad_b is not None:
-                grad_b += grad.sum(dim=0)
+            if ctx.needs_input_grad[1]:  # fp32 accumulation of the weight gradient over chunks
+                part = g.t() @ xc
+                grad_w = part.float() if grad_w is None else grad_w.add_(part)
+            if bias is not None and ctx.needs_input_grad[2]:
+                part = grad.sum(dim=0)
+                grad_b = part if grad_b is None else grad_b.add_(part)
         ctx.save_for_backward(grad_x, grad_w, grad_b)
         ctx.dtypes = weight.dtype, None if bias is None else bias.dtype
         return total
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_total):
-        grad_x, grad_w, grad_b = ctx.saved_tensors
+        grad_x, grad_w, grad_b = ctx.saved_tensors  # used once: scaled in place
         w_dtype, b_dtype = ctx.dtypes
         scale = grad_total.to(torch.float32)
-        return (grad_x * scale.to(grad_x.dtype),
-                None if grad_w is None else (grad_w * scale).to(w_dtype),
-                None if grad_b is None else (grad_b * scale).to(b_dtype),
+        return (grad_x.mul_(scale.to(grad_x.dtype)),
+                None if grad_w is None else grad_w.mul_(scale).to(w_dtype),
+                None if grad_b is None else grad_b.mul_(scale).to(b_dtype),
                 None, None, None, None)
 
 
@@ -100,16 +106,14 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, vocab_start, group):
         ctx.logits_dtype = logits.dtype
-        loss, softmax, local, inside, valid = _softmax_and_loss(logits.float().clone(), targets, vocab_start, group)
-        ctx.save_for_backward(softmax, local, inside, valid)
+        loss, softmax, local, inside = _softmax_and_loss(logits.float().clone(), targets, vocab_start, group)
+        ctx.save_for_backward(softmax, local, inside)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        softmax, local, inside, valid = ctx.saved_tensors
-        grad = softmax  # d loss / d logit = softmax - one_hot(target), per token
-        grad[torch.arange(grad.shape[0], device=grad.device), local] -= inside.to(grad.dtype)
-        grad.mul_((grad_loss * valid).unsqueeze(-1))
+        softmax, local, inside = ctx.saved_tensors
+        grad = _subtract_one_hot(softmax, local, inside).mul_(grad_loss.unsqueeze(-1))
         return grad.to(ctx.logits_dtype), None, None, None
 
 
@@ -145,7 +149,7 @@ def linear_cross_entropy_eval(features, weight, bias, targets, vocab_start: int 
         logits = F.linear(features[start:start + chunk], weight, bias).float()
         tc = targets[start:start + chunk]
         predicted = vocab_parallel_argmax(logits, vocab_start, group)
-        loss, *_, valid = _softmax_and_loss(logits, tc, vocab_start, group)
+        loss, *_ = _softmax_and_loss(logits, tc, vocab_start, group)
         loss_sum += loss.sum().double()
-        correct += ((predicted == tc) & valid).sum()
+        correct += ((predicted == tc) & (tc != IGNORE_INDEX)).sum()
     return loss_sum, correct

@@ -20,6 +20,7 @@ from megatron_jp.models.attention import AttentionContext, resolve_backend
 from megatron_jp.models.encoder import (TIED_DECODER, TIED_EMBEDDING, Encoder, MLMOutput, build_encoder,
                                         init_weights, tie)
 from megatron_jp.parallel.adamw import decays
+from megatron_jp.parallel.compile import compile_blocks
 from megatron_jp.parallel.data_parallel import DEFAULT_BUCKET_SIZE, GradBuffers
 from megatron_jp.parallel.dims import ParallelDims
 from megatron_jp.parallel.pipeline import stage_chunk
@@ -60,9 +61,8 @@ class ParallelModel(nn.Module):
 
     def attention_context(self, batch: dict) -> AttentionContext:
         """The micro-batch's attention layout, built once and shared by every chunk and layer."""
-        varlen = (batch["cu_seqlens"], batch["max_seqlen"]) if "cu_seqlens" in batch else None
         return self.chunks[0].attention_context(batch["input_ids"], batch.get("segment_ids"),
-                                                batch.get("position_ids"), varlen)
+                                                batch.get("position_ids"), batch.get("cu_seqlens"))
 
     @property
     def uses_varlen(self) -> bool:
@@ -189,11 +189,12 @@ def initialise(infos: list[ParamInfo], cfg: ModelConfig, seed: int):
 
 def build_parallel_model(cfg: ModelConfig, dims: ParallelDims, seed: int = 0, device=None, precision: str = "fp32",
                          recompute: str = "none", sequence_parallel: bool = False, zero1: bool = False,
+                         compile: bool = False, grad_reduce_dtype: str = "fp32",
                          bucket_size: int = DEFAULT_BUCKET_SIZE) -> ParallelModel:
     """This rank's chunks, initialised as the single-process model and sharded; takes validated
     values (config.validate). zero1 shards the gradient sums (and the optimizer built on the model)
-    over data-parallel ranks. On device "meta" only the structure and the parameter layout exist
-    (memory estimates)."""
+    over data-parallel ranks, summed in grad_reduce_dtype; compile compiles every block
+    (parallel/compile.py). On device "meta" only the structure and the parameter layout exist."""
     device = torch.device(device) if device is not None else dims.device
     tp = TPContext(dims.tp_rank, dims.tp, dims.tp_group, sequence_parallel and dims.tp > 1)
     with torch.device("meta"):  # the parallel modules too: values come only after bucketing
@@ -203,9 +204,12 @@ def build_parallel_model(cfg: ModelConfig, dims: ParallelDims, seed: int = 0, de
     model.infos = describe_params(model, plans)
     if device.type == "meta":
         return model
-    model.grad_buffers = GradBuffers(model, model.infos, dims, device, DTYPES[precision], zero1, bucket_size)
+    model.grad_buffers = GradBuffers(model, model.infos, dims, device, DTYPES[precision], zero1, bucket_size,
+                                     DTYPES[grad_reduce_dtype])
     initialise(model.infos, cfg, seed)
     model.grad_buffers.register_hooks()
     for chunk in chunks:
         apply_recompute(chunk, recompute)
+        if compile:  # tensor-parallel collectives break graphs: allowed there, an error elsewhere
+            compile_blocks(chunk, fullgraph=dims.tp == 1)
     return model

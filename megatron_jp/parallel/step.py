@@ -49,8 +49,8 @@ class EvalResult:
 def on_host(batch: dict, varlen: bool) -> tuple[dict, int]:
     """A CPU micro-batch plus what the step derives from it: `predicted`, the flat positions whose
     labels are set, padded to a multiple of PREDICTED_BUCKET with a position whose label is
-    IGNORE_INDEX (padding counts for nothing in the loss); with varlen attention `cu_seqlens` and
-    `max_seqlen`. Returns (batch, number of predicted tokens)."""
+    IGNORE_INDEX (padding counts for nothing in the loss); with varlen attention `cu_seqlens`.
+    Returns (batch, number of predicted tokens)."""
     flat = batch["labels"].reshape(-1)
     ignored = flat == IGNORE_INDEX
     index = torch.nonzero(~ignored).reshape(-1)
@@ -61,7 +61,7 @@ def on_host(batch: dict, varlen: bool) -> tuple[dict, int]:
         index = torch.cat([index, spare.expand(padding)])
     out = {**batch, "predicted": index}
     if varlen:
-        out["cu_seqlens"], out["max_seqlen"] = varlen_boundaries(batch["segment_ids"])
+        out["cu_seqlens"] = varlen_boundaries(batch["segment_ids"])
     return out, count
 
 

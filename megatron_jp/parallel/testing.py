@@ -35,6 +35,21 @@ def synthetic_row(gen: torch.Generator, seq: int, vocab: int, mask_prob: float):
     return ids, labels, segment, position
 
 
+def packed_segments(gen: torch.Generator, B: int, S: int, max_documents: int = 6) -> torch.Tensor:
+    """(B, S) segment ids as the loader packs rows: documents 1, 2, ... of random lengths filling
+    half to all of the row, then padding (0)."""
+    rows = []
+    for _ in range(B):
+        used = int(torch.randint(S // 2, S + 1, (1,), generator=gen))
+        n_cuts = int(torch.randint(0, max_documents, (1,), generator=gen))
+        cuts = sorted((torch.randperm(used - 1, generator=gen)[:n_cuts] + 1).tolist())
+        row = torch.zeros(S, dtype=torch.long)
+        for doc, (a, b) in enumerate(zip([0, *cuts], [*cuts, used]), start=1):
+            row[a:b] = doc
+        rows.append(row)
+    return torch.stack(rows)
+
+
 def synthetic_micro_batches(seed: int, count: int, batch: int, seq: int, vocab: int,
                             mask_prob: float = 0.15) -> list[dict]:
     """`count` micro-batches of (batch, seq) int64 tensors: input_ids, labels, segment_ids, position_ids."""

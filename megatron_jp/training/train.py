@@ -35,6 +35,8 @@ from megatron_jp.data.sources import DataError
 from megatron_jp.data.tokenizers import build_tokenizer
 from megatron_jp.parallel import (ParallelDims, StepResult, build_optimizer, build_parallel_model, eval_step,
                                   init_process_group, launch_env, train_step)
+from megatron_jp.parallel.compile import compile_enabled, use_compile_cache
+from megatron_jp.parallel.memory import memory_warning
 from megatron_jp.training import schedules
 from megatron_jp.training.checkpoint import Checkpointer, CheckpointError
 from megatron_jp.training.flops import effective_seq_length, flops_per_token, mfu
@@ -118,8 +120,12 @@ class Trainer:
         self.train_loader, self.valid_loader = loaders
         t = cfg.train
         torch.manual_seed(dims.dropout_seed(t.seed))
+        compiled = compile_enabled(t.compile, dims.device.type)
+        if compiled:
+            use_compile_cache(t.compile_cache_dir or Path(cfg.run.dir) / "compile_cache")
         self.model = build_parallel_model(cfg.model, dims, seed=t.seed, precision=t.precision, recompute=t.recompute,
-                                          sequence_parallel=cfg.parallel.sequence_parallel, zero1=cfg.parallel.zero1)
+                                          sequence_parallel=cfg.parallel.sequence_parallel, zero1=cfg.parallel.zero1,
+                                          compile=compiled, grad_reduce_dtype=cfg.parallel.grad_reduce_dtype)
         self.optimizer = build_optimizer(self.model, cfg.optim, dims)
         self.checkpointer = Checkpointer(checkpoint_dir(cfg), cfg, dims, keep=cfg.checkpoint.keep,
                                          async_save=cfg.checkpoint.async_save)
@@ -130,6 +136,9 @@ class Trainer:
         self.bar = progress_bar(0, 0, enabled=False)
         if self.is_logger:
             write_run_config(cfg)
+        warning = memory_warning(cfg, dims.world_size) if dims.device.type == "cuda" else None
+        if warning:
+            self.say(f"warning: {warning}")
         if cfg.eval.interval and self.valid_loader is None:
             self.say("note: eval.interval is set, but data.split and data.valid_paths leave no validation "
                      "documents: validation is skipped")
@@ -266,7 +275,8 @@ class Trainer:
 class StopRequest:
     """SIGTERM or SIGUSR1 (Slurm's warning before a time limit: `#SBATCH --signal=USR1@120`) asks the
     run to save and exit between two steps. Ranks may get the signal at different moments, so the
-    decision is an all-reduce: every rank stops after the same step."""
+    decision is an all-reduce: every rank stops after the same step. It runs on a CPU tensor over a
+    gloo group, so the check never waits for the GPU's queue."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -281,8 +291,8 @@ class StopRequest:
     def requested(self) -> bool:
         if not self.dims.distributed:
             return self.name is not None
-        flag = torch.tensor(float(self.name is not None), device=self.dims.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.dims.world_group)
+        flag = torch.tensor(float(self.name is not None))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.dims.host_group)
         self.name = self.name or ("a signal to another rank" if flag.item() else None)
         return self.name is not None
 

@@ -65,7 +65,8 @@ def build(case: dict, rank: int, world: int):
     dims = ParallelDims.from_config(cfg, world, rank)
     model = build_parallel_model(cfg.model, dims, seed=SEED, precision=cfg.train.precision,
                                  recompute=cfg.train.recompute, sequence_parallel=cfg.parallel.sequence_parallel,
-                                 zero1=cfg.parallel.zero1, bucket_size=BUCKET)
+                                 zero1=cfg.parallel.zero1, grad_reduce_dtype=case.get("reduce", "fp32"),
+                                 bucket_size=BUCKET)
     return cfg, dims, model, build_optimizer(model, cfg.optim, dims)
 
 

@@ -13,19 +13,7 @@ from torch.nn.attention.flex_attention import create_block_mask
 from megatron_jp.models import attention
 from megatron_jp.models.attention import (AttentionContext, VarlenLayout, attend, block_mask, dense_mask,
                                           document_index, varlen_boundaries)
-
-
-def random_layout(gen, B: int, S: int) -> torch.Tensor:
-    """Rows as the loader packs them: documents 1, 2, ... of random lengths, then padding (0)."""
-    rows = []
-    for _ in range(B):
-        used = int(torch.randint(S // 2, S + 1, (1,), generator=gen))
-        cuts = sorted(torch.randperm(used - 1, generator=gen)[:int(torch.randint(0, 6, (1,), generator=gen))] + 1)
-        row = torch.zeros(S, dtype=torch.long)
-        for doc, (a, b) in enumerate(zip([0, *cuts], [*cuts, used]), start=1):
-            row[a:b] = doc
-        rows.append(row)
-    return torch.stack(rows)
+from megatron_jp.parallel.testing import packed_segments
 
 
 def tiles(bm):
@@ -42,7 +30,7 @@ def tiles(bm):
 @pytest.mark.parametrize("window", [0, 16, 128, 258, 510])  # 258, 510: tile distances 129, 255 at the edge
 def test_block_mask_from_document_ranges_equals_create_block_mask(S, window):
     gen = torch.Generator().manual_seed(S * 7 + window)
-    seg = random_layout(gen, 3, S)
+    seg = packed_segments(gen, 3, S)
     seg[1] = 1  # one unpadded document
     allowed = dense_mask(seg, S, window, "cpu")[:, 0]
 
@@ -66,7 +54,7 @@ def qkv(gen, B, S, heads=4, kv_heads=2, D=16):
 @pytest.mark.parametrize("window", [0, 24])
 def test_flex_attention_through_our_block_mask_equals_masked_sdpa(window):
     gen = torch.Generator().manual_seed(1)
-    seg = random_layout(gen, 2, 200)
+    seg = packed_segments(gen, 2, 200)
     q, k, v = qkv(gen, 2, 200)
     expected = attend(q, k, v, dense_mask(seg, 200, window, "cpu"))
     got = attend(q, k, v, block_mask(seg, 200, window, "cpu"))
@@ -75,8 +63,8 @@ def test_flex_attention_through_our_block_mask_equals_masked_sdpa(window):
 
 def test_varlen_boundaries_are_the_documents_of_the_flattened_batch():
     seg = torch.tensor([[1, 1, 2, 0], [1, 1, 1, 1]])
-    cu, longest = varlen_boundaries(seg)
-    assert cu.tolist() == [0, 2, 3, 4, 8] and cu.dtype == torch.int32 and longest == 4
+    cu = varlen_boundaries(seg)
+    assert cu.tolist() == [0, 2, 3, 4, 8] and cu.dtype == torch.int32
 
 
 def varlen_by_sdpa(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False):
@@ -98,10 +86,9 @@ def test_varlen_path_equals_masked_sdpa(monkeypatch, window):
     """The glue around varlen_attn (token-major reshape, cu_seqlens, the window as (w/2, w/2), GQA)."""
     monkeypatch.setattr(attention, "varlen_attn", varlen_by_sdpa)
     gen = torch.Generator().manual_seed(2)
-    seg = random_layout(gen, 3, 96)
+    seg = packed_segments(gen, 3, 96)
     q, k, v = qkv(gen, 3, 96)
-    cu, longest = varlen_boundaries(seg)
-    got = attend(q, k, v, VarlenLayout(cu, longest, window))
+    got = attend(q, k, v, VarlenLayout(varlen_boundaries(seg), 96, window))
     expected = attend(q, k, v, dense_mask(seg, 96, window, "cpu"))
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)  # padding too: it attends to padding
 

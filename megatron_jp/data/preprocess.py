@@ -341,17 +341,17 @@ def ordered_results(chunks, opts: dict, workers: int):
             yield done, res.get()
 
 
-def _cpu_seconds() -> float:
-    """CPU time of this process and of its finished children (the pool's workers, once joined)."""
+def _cpu_seconds(children: bool = True) -> float:
+    """CPU time of this process and (children) of its finished children (the pool's workers, once joined)."""
     import resource
 
-    return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
-               for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    who = (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) if children else (resource.RUSAGE_SELF,)
+    return sum(resource.getrusage(w).ru_utime + resource.getrusage(w).ru_stime for w in who)
 
 
 class Stats:
     def __init__(self):
-        self.start, self.start_cpu = time.time(), _cpu_seconds()
+        self.start, self.start_cpu, self.start_main_cpu = time.time(), _cpu_seconds(), _cpu_seconds(False)
         self.docs = self.tokens = self.text_bytes = self.blank_lines = 0
         self.skipped = collections.Counter()
 
@@ -370,7 +370,8 @@ class Stats:
         return {"documents": self.docs, "tokens": self.tokens, "skipped": dict(self.skipped),
                 "skipped_total": sum(self.skipped.values()), "blank_lines": self.blank_lines,
                 "text_bytes": self.text_bytes, "seconds": round(time.time() - self.start, 3),
-                "cpu_seconds": round(_cpu_seconds() - self.start_cpu, 3)}
+                "cpu_seconds": round(_cpu_seconds() - self.start_cpu, 3),
+                "main_cpu_seconds": round(_cpu_seconds(False) - self.start_main_cpu, 3)}
 
 
 def _make_writers(args, dtype, writers: dict) -> None:

@@ -86,6 +86,8 @@ setup(
     extras_require={
         "test": ["pytest", "megatron-core==0.16.1"],  # megatron-core: reference reader of our shards
         "plot": ["matplotlib"],
+        # tools/evaluate.py: metrics, and the sentence-transformers export (keeps the installed torch)
+        "eval": ["scipy", "scikit-learn", "sentence-transformers>=3"],
         "sudachi": ["sudachipy", "sudachidict-core"],
     },
 )

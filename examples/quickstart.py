@@ -5,7 +5,8 @@
 
 1. train a SentencePiece tokenizer on the training documents (every 10th document is held out);
 2. preprocess both parts into Megatron shards with word boundaries (for whole word masking);
-3. score the freshly initialised model: validation loss and pseudo-perplexity on the held-out part;
+3. score the freshly initialised model: validation loss, pseudo-perplexity and masked-word accuracy on
+   the held-out part, zero-shot STS on examples/data/jsts_sample.jsonl (tools/evaluate.py);
 4. pretrain with `python -m megatron_jp.train --config examples/quickstart.yaml`;
 5. export the last checkpoint to Hugging Face and fill in masks with transformers' pipeline;
 6. score the trained model the same way as in 3;
@@ -13,7 +14,7 @@
 
 --steps N shortens the run (warmup and validation interval scale with it); any `--section.key
 VALUE` goes to the trainer. The work directory is the quickstart's own: its data/, tokenizer/,
-init/, run/ and hf/ folders and summary.json are replaced on every run.
+init/, run/, hf/ and eval/ folders and summary.json are replaced on every run.
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_jp.config import ConfigError, load_config, validate
+from megatron_jp.files import write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "examples" / "quickstart.yaml"
 CORPUS = ROOT / "examples" / "data" / "ja_sample.jsonl"
-OUTPUTS = ("data", "tokenizer", "init", "run", "hf", "summary.json")  # what a run writes under --workdir
+STS = ROOT / "examples" / "data" / "jsts_sample.jsonl"  # 40 JSTS-format pairs written for the quickstart
+OUTPUTS = ("data", "tokenizer", "init", "run", "hf", "eval", "summary.json")  # what a run writes under --workdir
 
 # Sentences in the corpus's style with one word masked, and that word: printed beside the predictions
 # and counted when it is among the top 3.
@@ -60,6 +63,7 @@ class Paths:
         self.run_dir = w / "run"
         self.checkpoint = self.run_dir / "checkpoints"
         self.hf = w / "hf"
+        self.eval = w / "eval"  # before/ and after/: tools/evaluate.py outputs (predictions.jsonl, result.json)
 
 
 @dataclass
@@ -168,10 +172,19 @@ def initial_model(cfg, paths: Paths) -> dict:
             "params": sum(p.numel() for p in model.parameters())}
 
 
-def pseudo_perplexity(paths: Paths, checkpoint: Path, max_docs: int, max_length: int) -> dict:
-    out = tool("tools/pseudo_perplexity.py", "--checkpoint", str(checkpoint), "--input", str(paths.heldout_jsonl),
-               "--max-docs", str(max_docs), "--max-length", str(max_length))
-    return last_json(out)
+def evaluate(paths: Paths, checkpoint: Path, when: str, pppl_docs: int, max_length: int) -> dict:
+    """tools/evaluate.py on a checkpoint: `intrinsic` (masked-word accuracy and pseudo-perplexity on
+    the held-out documents) and `sts` (zero-shot, mean-pooled embeddings); their metrics merged."""
+    out = paths.eval / when
+    common = ["--model", str(checkpoint), "--device", "cpu"]
+    intrinsic = last_json(tool("tools/evaluate.py", "intrinsic", *common, "--input", str(paths.heldout_jsonl),
+                               "--output", str(out / "intrinsic"), "--pppl-docs", str(pppl_docs),
+                               "--max-length", str(max_length)))
+    sts = last_json(tool("tools/evaluate.py", "sts", *common, "--input", str(STS), "--output", str(out / "sts")))
+    m = intrinsic["metrics"]
+    return {"pppl": m["pppl"], "tokens": m["pppl_tokens"], "documents": m["pppl_documents"],
+            "masked_word_accuracy": m["masked_word_accuracy"], "masked_words": m["masked_words"],
+            "sts_spearman": sts["metrics"]["spearman"], "sts_pairs": sts["metrics"]["pairs"]}
 
 
 def export_to_hf(paths: Paths) -> str:
@@ -274,11 +287,14 @@ def make_shards(paths: Paths, facts: dict):
 def score_initial_model(cfg, paths: Paths, args, facts: dict):
     init = initial_model(cfg, paths)
     facts["valid_loss_init"], facts["params"], vocab = init["valid_loss"], init["params"], init["vocab_size"]
-    facts["pppl_before"] = pseudo_perplexity(paths, paths.init_checkpoint, args.pppl_docs, cfg.data.seq_length)
+    facts["before"] = before = evaluate(paths, paths.init_checkpoint, "before", args.pppl_docs,
+                                             cfg.data.seq_length)
     print(f"   validation loss {facts['valid_loss_init']:.3f} (a uniform guess over {vocab:,} ids: "
           f"{math.log(vocab):.3f})")
-    print(f"   pseudo-perplexity {facts['pppl_before']['pppl']:,.1f} over {facts['pppl_before']['tokens']:,} tokens "
-          f"of {facts['pppl_before']['documents']} documents")
+    print(f"   pseudo-perplexity {before['pppl']:,.1f} over {before['tokens']:,} tokens of {before['documents']} "
+          f"documents")
+    print(f"   masked-word accuracy {before['masked_word_accuracy']:.1%} ({before['masked_words']} whole words "
+          f"masked at 15%), zero-shot STS Spearman {before['sts_spearman']:.3f} ({before['sts_pairs']} pairs)")
 
 
 def pretrain(overrides: list[str]):
@@ -295,9 +311,11 @@ def export_and_fill_masks(paths: Paths, facts: dict):
 
 
 def score_trained_model(cfg, paths: Paths, args, facts: dict):
-    facts["pppl_after"] = pseudo_perplexity(paths, paths.checkpoint, args.pppl_docs, cfg.data.seq_length)
-    print(f"   pseudo-perplexity {facts['pppl_after']['pppl']:,.1f} (before training: "
-          f"{facts['pppl_before']['pppl']:,.1f})")
+    facts["after"] = after = evaluate(paths, paths.checkpoint, "after", args.pppl_docs, cfg.data.seq_length)
+    before = facts["before"]
+    print(f"   pseudo-perplexity {after['pppl']:,.1f} (before training: {before['pppl']:,.1f})")
+    print(f"   masked-word accuracy {after['masked_word_accuracy']:.1%} (before: {before['masked_word_accuracy']:.1%}),"
+          f" zero-shot STS Spearman {after['sts_spearman']:.3f} (before: {before['sts_spearman']:.3f})")
     records = read_metrics(paths.run_dir)
     facts["valid"], facts["tokens_per_second"] = validation_losses(records), training_speed(records)
     (first_step, first), (last_step, last) = facts["valid"][0], facts["valid"][-1]
@@ -379,7 +397,7 @@ def main(argv=None) -> int:
 def print_summary(cfg, paths: Paths, results: Results, total_seconds: float):
     f, s = results.facts, results.seconds
     (first_step, first), (last_step, last) = f["valid"][0], f["valid"][-1]
-    before, after = f["pppl_before"], f["pppl_after"]
+    before, after = f["before"], f["after"]
     rows = [
         ("corpus", f"{f['train_docs']} documents ({f['train_tokens']:,} tokens) train, "
                    f"{f['heldout_docs']} ({f['heldout_tokens']:,} tokens) held out"),
@@ -392,6 +410,10 @@ def print_summary(cfg, paths: Paths, results: Results, total_seconds: float):
                             f"-> {last:.3f} at step {last_step}"),
         ("pseudo-perplexity", f"{before['pppl']:,.1f} before -> {after['pppl']:,.1f} after "
                               f"({before['documents']} held-out documents, {before['tokens']:,} tokens)"),
+        ("masked words", f"{before['masked_word_accuracy']:.1%} before -> {after['masked_word_accuracy']:.1%} after "
+                         f"right ({after['masked_words']:,} held-out words masked at 15%)"),
+        ("zero-shot STS", f"Spearman {before['sts_spearman']:.3f} before -> {after['sts_spearman']:.3f} after "
+                          f"({after['sts_pairs']} pairs of {relative(STS)})"),
         ("fill-mask", f"original word in the top 3 for {f['fill_mask_hits']} of {len(FILL_MASK_SENTENCES)} sentences"),
         ("Hugging Face", f"{relative(paths.hf)} ({f['hf_class']}, max logit gap {f['logit_gap']:.1e})"),
         ("checkpoints", relative(paths.checkpoint)),
@@ -408,11 +430,15 @@ def write_summary_json(paths: Paths, results: Results, total_seconds: float):
     """The same figures for scripts and CI: WORKDIR/summary.json."""
     f = results.facts
     summary = {"valid_loss_init": f["valid_loss_init"], "valid_loss": f["valid"],
-               "pppl_before": f["pppl_before"]["pppl"], "pppl_after": f["pppl_after"]["pppl"],
-               "pppl_tokens": f["pppl_after"]["tokens"], "fill_mask_hits": f["fill_mask_hits"],
+               "pppl_before": f["before"]["pppl"], "pppl_after": f["after"]["pppl"],
+               "pppl_tokens": f["after"]["tokens"], "fill_mask_hits": f["fill_mask_hits"],
+               "masked_word_accuracy_before": f["before"]["masked_word_accuracy"],
+               "masked_word_accuracy_after": f["after"]["masked_word_accuracy"],
+               "sts_spearman_before": f["before"]["sts_spearman"],
+               "sts_spearman_after": f["after"]["sts_spearman"], "eval": str(paths.eval),
                "logit_gap": f["logit_gap"], "hf": str(paths.hf), "checkpoint": str(paths.checkpoint),
                "png": str(f["png"]), "seconds": {**results.seconds, "total": total_seconds}}
-    (paths.workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_text(paths.workdir / "summary.json", json.dumps(summary, indent=2) + "\n")  # temporary name, renamed
 
 
 if __name__ == "__main__":

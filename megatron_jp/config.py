@@ -260,6 +260,14 @@ class ParallelConfig:
     """Shard norm/dropout regions over the sequence within a tensor-parallel group."""
     zero1: bool = False
     """Shard optimizer state and fp32 master weights over data-parallel ranks."""
+    timeout_minutes: PositiveFloat = 10.0
+    """A rank that makes no progress for this long (a collective that never completes: a frozen, dead
+    or unreachable peer) makes every rank exit with a message naming the step and the stuck rank.
+    torch.distributed's own collective timeout is set a minute longer, as a backstop."""
+    startup_timeout_minutes: PositiveFloat = 5.0
+    """Start-up (rendezvous, process groups): if the ranks have not all joined within this long, each
+    exits naming those that never arrived; shorter than timeout_minutes so that a wrong MASTER_ADDR
+    or a dead node is reported quickly. Raise it when some ranks prepare data long before joining."""
     grad_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
     """Data type of the data-parallel gradient sums. bf16 halves their traffic: each rank's fp32
     gradient is rounded to bf16 (relative error 2^-9) and NCCL sums in bf16, so the step's gradient
@@ -312,6 +320,9 @@ class EvalConfig:
     """Validate every N steps; 0 disables."""
     steps: Positive = 10
     """Micro-batches per validation."""
+    intrinsic: bool = False
+    """Also log masked-word accuracy at each validation: whole words of the validation documents masked
+    at a fixed 15% (their _words shards), all as [MASK] (megatron_jp.training.probe)."""
 
 
 @dataclass
@@ -513,6 +524,13 @@ def validate_training(cfg: Config):
            f"train.micro_batch_size ({t.micro_batch_size})")
     _check(o.min_lr <= o.lr, f"need optim.min_lr ({o.min_lr}) <= optim.lr ({o.lr})")
     _check(o.warmup_steps <= t.steps, f"optim.warmup_steps ({o.warmup_steps}) must not exceed train.steps ({t.steps})")
+    _check(o.schedule != "wsd" or o.warmup_steps + o.decay_steps <= t.steps,
+           f"optim.warmup_steps + optim.decay_steps ({o.warmup_steps} + {o.decay_steps}) must not exceed "
+           f"train.steps ({t.steps}) for the wsd schedule")
+    ramp = t.rampup_batch_size
+    _check(ramp is None or ramp.start <= t.global_batch_size,
+           f"train.rampup_batch_size starts at {ramp.start if ramp else 0}, above train.global_batch_size "
+           f"({t.global_batch_size}): a ramp-up grows towards the global batch size")
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:

@@ -29,9 +29,10 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tool():
-    """tool(name) -> main() of tools/NAME.py, loaded from its file (tools/ is not a package)."""
+    """tool(name) -> main() of tools/NAME.py, loaded from its file (tools/ is not a package); session-wide,
+    so module-scoped fixtures can run tools too."""
 
     def load(name: str):
         spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")

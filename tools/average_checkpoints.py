@@ -2,11 +2,15 @@
 """Average the model weights of several checkpoints (TohokuNLP's BERT averaged two) into a new one.
 
     python tools/average_checkpoints.py --checkpoints CKPT_A CKPT_B [...] --output OUT_DIR [--weights 0.5 0.5]
+                                        [--iteration N]
 
 Each CKPT is a checkpoint directory (uses `latest`) or an iter_* folder of any layout. The output is
 a model-only checkpoint (no optimizer state) with the first checkpoint's config.yaml, named after the
 newest input step: convert it with tools/convert_to_hf.py, or start a phase from it with
-checkpoint.load (and checkpoint.reset_optimizer: true).
+checkpoint.load (and checkpoint.reset_optimizer: true). OUT_DIR must not hold checkpoints yet (a run's
+checkpoint directory is refused: its iteration of the same name and `latest` would be replaced), unless
+--iteration N asks to add iter_N beside them (never replacing one; `latest` is left alone). Bad input
+exits with status 2, a non-finite average with status 1, both before anything is written.
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ import argparse
 import math
 import sys
 
-from megatron_jp.training.checkpoint import (CheckpointError, load_model_state, read_meta, resolve_checkpoint,
-                                             save_model_checkpoint)
+from megatron_jp.training.checkpoint import (CheckpointError, load_model_state, non_finite_names, read_meta,
+                                             resolve_checkpoint, save_model_checkpoint)
 
 
 def parse_args(argv=None):
@@ -25,12 +29,19 @@ def parse_args(argv=None):
     p.add_argument("--output", required=True, help="checkpoint directory to write (iter_* + latest)")
     p.add_argument("--weights", nargs="+", type=float, default=None,
                    help="one weight per checkpoint, summing to 1 (default: equal weights)")
-    return p.parse_args(argv)
+    p.add_argument("--iteration", type=int, default=None,
+                   help="write iter_N (a new folder) into an OUT_DIR that already holds checkpoints")
+    args = p.parse_args(argv)
+    if args.iteration is not None and args.iteration < 0:
+        p.error(f"--iteration must be >= 0, got {args.iteration}")
+    return args
 
 
 def check_weights(weights: list[float] | None, count: int) -> list[float]:
     if weights is None:
         return [1.0 / count] * count
+    if not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"--weights {weights}: every weight must be a finite number")
     if len(weights) != count:
         raise ValueError(f"--weights has {len(weights)} values for {count} checkpoints: give one per checkpoint")
     if not math.isclose(sum(weights), 1.0, abs_tol=1e-6):
@@ -68,12 +79,16 @@ def main(argv=None) -> int:
     try:
         weights = check_weights(args.weights, len(args.checkpoints))
         cfg, state = average(args.checkpoints, weights)
-        step = newest_step(args.checkpoints)
+        step = newest_step(args.checkpoints) if args.iteration is None else args.iteration
+        bad = non_finite_names(state)
+        if bad:
+            print(f"error: the average is not finite ({', '.join(bad[:5])}); nothing written", file=sys.stderr)
+            return 1
+        meta = {"averaged_from": [str(resolve_checkpoint(p)) for p in args.checkpoints], "weights": weights}
+        folder = save_model_checkpoint(args.output, step, cfg, state, meta, into_existing=args.iteration is not None)
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    meta = {"averaged_from": [str(resolve_checkpoint(p)) for p in args.checkpoints], "weights": weights}
-    folder = save_model_checkpoint(args.output, step, cfg, state, meta)
     print(f"wrote {folder}: the weighted average of {len(args.checkpoints)} checkpoints")
     return 0
 

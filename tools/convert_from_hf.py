@@ -2,9 +2,12 @@
 """Import a Hugging Face EuroBERT, ModernBERT or BERT masked-LM folder as a megatron_jp checkpoint,
 e.g. to continue pretraining ModernBERT-Ja or BERT-base-japanese.
 
-    python tools/convert_from_hf.py --hf HF_DIR --output CKPT_DIR
+    python tools/convert_from_hf.py --hf HF_DIR --output CKPT_DIR [--iteration N]
 
-The checkpoint is step 0 of a new run: start from it with `checkpoint.load: CKPT_DIR`.
+The checkpoint is step 0 of a new run: start from it with `checkpoint.load: CKPT_DIR`. CKPT_DIR must
+not hold checkpoints yet (a run's directory is refused: its `latest` would be repointed) unless
+--iteration N adds iter_N beside them. Bad input (weights that disagree with config.json, layers beyond
+it, non-finite values) exits with status 2 and one line, before anything is written.
 """
 
 from __future__ import annotations
@@ -15,14 +18,19 @@ from pathlib import Path
 
 from megatron_jp.config import Config, validate
 from megatron_jp.models.hf import import_hf
-from megatron_jp.training.checkpoint import save_model_checkpoint
+from megatron_jp.training.checkpoint import CheckpointError, save_model_checkpoint
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--hf", required=True, help="Hugging Face model folder (config.json + model.safetensors)")
     p.add_argument("--output", required=True, help="checkpoint directory to write (iter_0000000 + latest)")
-    return p.parse_args(argv)
+    p.add_argument("--iteration", type=int, default=None,
+                   help="write iter_N (a new folder) into an --output that already holds checkpoints")
+    args = p.parse_args(argv)
+    if args.iteration is not None and args.iteration < 0:
+        p.error(f"--iteration must be >= 0, got {args.iteration}")
+    return args
 
 
 def main(argv=None) -> int:
@@ -36,7 +44,12 @@ def main(argv=None) -> int:
         return 2
     if (Path(args.hf) / "tokenizer.json").exists():
         cfg.data.tokenizer_type, cfg.data.tokenizer_model = "HuggingFaceTokenizer", str(Path(args.hf).resolve())
-    folder = save_model_checkpoint(args.output, 0, cfg, state, {"imported_from": str(args.hf)})
+    try:
+        folder = save_model_checkpoint(args.output, args.iteration or 0, cfg, state, {"imported_from": str(args.hf)},
+                                       into_existing=args.iteration is not None)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {folder} ({sum(v.numel() for v in state.values()):,} values)")
     return 0
 

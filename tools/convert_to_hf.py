@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from megatron_jp.files import describe_os_error
 from megatron_jp.models.hf import TARGETS, export_hf
 from megatron_jp.training.checkpoint import CheckpointError, load_model_state
 
@@ -33,29 +34,28 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def export_tokenizer(tokenizer_type: str, tokenizer_model: str, output: str) -> dict:
-    """Write tokenizer files into the model folder; return the special-token ids for config.json."""
-    from megatron_jp.data.tokenizers import build_tokenizer, save_hf_tokenizer
-
-    tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)
-    save_hf_tokenizer(tokenizer, output)
-    return {"pad": tokenizer.pad_id, "cls": tokenizer.cls_id, "sep": tokenizer.sep_id, "mask": tokenizer.mask_id}
-
-
 def main(argv=None) -> int:
+    from megatron_jp.data.tokenizers import TokenizerError, build_tokenizer, save_hf_tokenizer
+
     args = parse_args(argv)
     try:
         cfg, state = load_model_state(args.checkpoint)
-    except CheckpointError as e:
+        tokenizer_type = args.tokenizer_type or cfg.data.tokenizer_type
+        tokenizer_model = args.tokenizer or cfg.data.tokenizer_model
+        tokenizer, special = None, {}
+        if tokenizer_model or tokenizer_type == "ByteTokenizer":  # loaded first: its ids go into config.json
+            tokenizer = build_tokenizer(tokenizer_type, tokenizer_model)
+            special = {"pad": tokenizer.pad_id, "cls": tokenizer.cls_id, "sep": tokenizer.sep_id,
+                       "mask": tokenizer.mask_id}
+        # model and tokenizer files are written into one temporary folder, then moved in
+        module = export_hf(state, cfg.model, args.output, special, args.target, DTYPES[args.dtype],
+                           extra=None if tokenizer is None else lambda folder: save_hf_tokenizer(tokenizer, folder))
+    except (CheckpointError, TokenizerError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    tokenizer_type = args.tokenizer_type or cfg.data.tokenizer_type
-    tokenizer_model = args.tokenizer or cfg.data.tokenizer_model
-    special = {}
-    module = export_hf(state, cfg.model, args.output, special, args.target, DTYPES[args.dtype])
-    if tokenizer_model or tokenizer_type == "ByteTokenizer":
-        special = export_tokenizer(tokenizer_type, tokenizer_model, args.output)
-        export_hf(state, cfg.model, args.output, special, args.target, DTYPES[args.dtype])  # ids in config
+    except OSError as e:
+        print(f"error: writing {args.output} failed: {describe_os_error(e) or e}", file=sys.stderr)
+        return 2
     remote = " (load with trust_remote_code=True)" if module.__name__.endswith("custom") else ""
     print(f"wrote {args.output} as {module.ARCHITECTURE}{remote}")
     return 0

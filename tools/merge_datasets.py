@@ -73,9 +73,9 @@ def main(argv=None) -> int:
     prefixes = input_prefixes(args.input)
     try:
         merged, warnings = merge(prefixes, args.output_prefix, args.allow_tokenizer_mismatch)
-    except (indexed.ShardFormatError, ValueError, OSError) as err:
+    except (indexed.ShardFormatError, ValueError, OSError) as err:  # bad input: one line, status 2
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"merged {len(prefixes)} shards: {len(merged):,} documents, {merged.n_tokens:,} tokens "

@@ -2,29 +2,49 @@
 """Plot the loss and throughput of a run: RUN_DIR/metrics.jsonl -> PNG (needs matplotlib).
 
     python tools/plot_metrics.py RUN_DIR [--output RUN_DIR/metrics.png]
+
+Bad input (no metrics.jsonl, a damaged line, nothing to plot) exits with status 2 and one line; the
+PNG is written under a temporary name and renamed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_jp.files import describe_os_error, output_file  # noqa: E402
+
+
+class InputError(ValueError):
+    """Bad input; the message names it."""
 
 
 def read_metrics(path: Path) -> list[dict]:
     records = []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot be read as text ({e})") from None
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             # a run killed mid-write leaves a partial last line; anything else is a real error
             if number == len(lines):
                 break
-            raise SystemExit(f"{path}:{number}: not a JSON object") from None
+            raise InputError(f"{path}:{number}: not a JSON object") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), (int, float)):
+            raise InputError(f"{path}:{number}: not a metrics record (a JSON object with a numeric 'step')")
+        records.append(record)
+    if not any(r.get("loss") is not None for r in records):
+        raise InputError(f"{path}: no line with a 'loss': nothing to plot")
     return records
 
 
@@ -49,7 +69,8 @@ def plot(records: list[dict], output: Path):
     ax_speed.plot(*series(records, "tokens_per_second"), color="tab:green", linewidth=1)
     ax_speed.set(xlabel="step", ylabel="tokens / s", title="throughput")
     fig.tight_layout()
-    fig.savefig(output, dpi=110)
+    with output_file(output) as tmp:
+        fig.savefig(tmp, dpi=110, format=output.suffix.lstrip(".") or "png")
     plt.close(fig)
 
 
@@ -62,9 +83,16 @@ def main(argv=None) -> int:
     if not path.exists():
         print(f"error: {path} does not exist", file=sys.stderr)
         return 2
-    records = read_metrics(path)
     output = args.output or args.run_dir / "metrics.png"
-    plot(records, output)
+    try:
+        records = read_metrics(path)
+        plot(records, output)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as e:  # an unwritable output, an unknown image format
+        print(f"error: writing {output} failed: {describe_os_error(e) or e}", file=sys.stderr)
+        return 2
     print(output)
     return 0
 

@@ -7,6 +7,8 @@ special_tokens_map.json), whose fast tokenizer gives the same ids as the .model.
 llm-jp / sarashina: byte fallback (no unknown characters), digits split one by one, no dummy
 prefix, whitespace kept as written. Special tokens: [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4.
 Input files are plain text, one sentence or paragraph per line (a JSONL corpus: pass --json-key).
+Bad input exits with status 2 and one line naming it; outputs are written under temporary names and
+renamed when complete.
 """
 
 from __future__ import annotations
@@ -19,7 +21,14 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_jp.data.tokenizers import SentencePieceTokenizer, save_hf_tokenizer  # noqa: E402
+from megatron_jp.data.tokenizers import SentencePieceTokenizer, TokenizerError, save_hf_tokenizer  # noqa: E402
+from megatron_jp.files import chmod_as_created, describe_os_error, remove_quietly  # noqa: E402
+
+MIN_VOCAB = 5 + 256 + 1  # the five specials, the 256 byte-fallback pieces, at least one piece of text
+
+
+class InputError(ValueError):
+    """Bad input; the message names it."""
 
 
 def parse_args(argv=None):
@@ -38,17 +47,42 @@ def parse_args(argv=None):
     p.add_argument("--max-sentence-length", type=int, default=16384, help="longer lines are skipped (bytes)")
     p.add_argument("--num-threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--seed", type=int, default=1234, help="seed of the sentence sampling")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.vocab_size < MIN_VOCAB:
+        p.error(f"--vocab-size must be at least {MIN_VOCAB} (5 specials + 256 byte pieces + text), got {args.vocab_size}")
+    if not 0 < args.character_coverage <= 1:
+        p.error(f"--character-coverage must be in (0, 1], got {args.character_coverage}")
+    for name in ("input_sentence_size", "max_sentence_length", "num_threads"):
+        if getattr(args, name) < (0 if name == "input_sentence_size" else 1):
+            p.error(f"--{name.replace('_', '-')} is {getattr(args, name)}: too small")
+    return args
 
 
 def jsonl_to_text(paths: list[str], key: str, out) -> None:
     """Write the `key` field of every JSONL record, one line per paragraph, to the file `out`."""
     for path in paths:
         with open(path, encoding="utf-8") as f:
-            for line in f:
-                text = json.loads(line).get(key) if line.strip() else None
+            for number, line in enumerate(f, 1):
+                try:
+                    record = json.loads(line) if line.strip() else {}
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{path}:{number}: not valid JSON ({e.msg}); --json-key reads JSONL") from None
+                text = record.get(key) if isinstance(record, dict) else None
                 if isinstance(text, str):
                     out.writelines(s + "\n" for s in text.splitlines() if s.strip())
+
+
+def check_inputs(paths: list[str]):
+    for path in paths:
+        if not os.path.isfile(path):
+            raise InputError(f"input file not found (or not a file): {path}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                f.read(1 << 16)
+        except UnicodeDecodeError:
+            raise InputError(f"{path}: not UTF-8 text (a binary file?); give plain text or JSONL") from None
+        except OSError as e:
+            raise InputError(f"{path}: cannot be read ({e})") from None
 
 
 def train(args) -> str:
@@ -67,26 +101,49 @@ def train(args) -> str:
     return args.model_prefix + ".model"
 
 
+def train_atomically(args) -> str:
+    """Train under a temporary prefix beside the real one, then rename PREFIX.model and PREFIX.vocab."""
+    final = args.model_prefix
+    folder = os.path.dirname(os.path.abspath(final))
+    os.makedirs(folder, exist_ok=True)
+    tmp_prefix = os.path.join(folder, f".{os.path.basename(final)}.{os.getpid()}.tmp")
+    text = None
+    try:
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8", delete=False) as text:
+            if args.json_key:
+                jsonl_to_text(args.input, args.json_key, text)
+        inputs = [text.name] if args.json_key else args.input
+        train(argparse.Namespace(**{**vars(args), "input": inputs, "model_prefix": tmp_prefix}))
+        for ext in (".vocab", ".model"):  # .model last: its presence means the pair is complete
+            chmod_as_created(tmp_prefix + ext)
+            os.replace(tmp_prefix + ext, final + ext)
+    except RuntimeError as e:  # SentencePiece reports bad input (an empty corpus, too few pieces) this way
+        raise InputError(f"SentencePiece cannot train on {', '.join(args.input)}: "
+                         f"{str(e).strip().splitlines()[-1][:300]}") from None
+    finally:
+        if text is not None:
+            remove_quietly(text.name)
+        for ext in (".model", ".vocab"):
+            remove_quietly(tmp_prefix + ext)
+    return final + ".model"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    missing = [p for p in args.input if not os.path.isfile(p)]
-    if missing:
-        print(f"error: input file(s) not found: {', '.join(missing)}", file=sys.stderr)
-        return 2
-    os.makedirs(os.path.dirname(os.path.abspath(args.model_prefix)), exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8", delete=False) as tmp:
-        if args.json_key:
-            jsonl_to_text(args.input, args.json_key, tmp)
-            args.input = [tmp.name]
     try:
-        model = train(args)
-    finally:
-        os.unlink(tmp.name)
-    tok = SentencePieceTokenizer(model)
-    if tok.vocab_size < args.vocab_size:
-        print(f"warning: the corpus supports only {tok.vocab_size} pieces (< --vocab-size {args.vocab_size})",
-              file=sys.stderr)
-    hf_dir = save_hf_tokenizer(tok, args.model_prefix + "-hf")
+        check_inputs(args.input)
+        model = train_atomically(args)
+        tok = SentencePieceTokenizer(model)
+        if tok.vocab_size < args.vocab_size:
+            print(f"warning: the corpus supports only {tok.vocab_size} pieces (< --vocab-size {args.vocab_size})",
+                  file=sys.stderr)
+        hf_dir = save_hf_tokenizer(tok, args.model_prefix + "-hf")
+    except (InputError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"error: {describe_os_error(e) or e}", file=sys.stderr)
+        return 2
     print(json.dumps({"model": model, "hf": hf_dir, "vocab_size": tok.vocab_size}))
     return 0
 

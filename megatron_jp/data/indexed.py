@@ -19,6 +19,8 @@ import struct
 
 import numpy as np
 
+from megatron_jp.files import close_quietly, remove_quietly
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
@@ -282,13 +284,13 @@ class IndexedDatasetWriter:
         os.replace(idx_path(self.prefix) + self.tag, idx_path(self.prefix))
 
     def abort(self) -> None:
-        """Close and delete every temporary file (safe to call twice)."""
+        """Close and delete every temporary file (safe to call twice). Never raises: on a full disk
+        closing flushes buffered writes that fail again (ENOSPC), and the files must go all the same."""
         for f in (self._bin, self._lengths):
-            f.close()
+            close_quietly(f)
         for path in (bin_path(self.prefix) + self.tag, idx_path(self.prefix) + self.tag,
                      self.prefix + ".lengths" + self.tag):
-            if os.path.exists(path):
-                os.unlink(path)
+            remove_quietly(path)
 
 
 def _copy_file(path: str, out) -> None:

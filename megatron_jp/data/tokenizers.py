@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 
 from megatron_jp.data import hf_export
+from megatron_jp.files import move_into, scratch_dir
 
 try:  # built by setup.py from csrc/helpers/*.cpp; absent in a plain source checkout
     from megatron_jp import _helpers
@@ -223,8 +225,10 @@ class HuggingFaceTokenizer(Tokenizer):
             raise TokenizerError(f"Hugging Face tokenizer {path!r}: {file} does not exist (data.tokenizer_model)")
         try:
             self.hf = HFTokenizer.from_file(file)
+        except OSError as err:  # unreadable (permissions, I/O): say so, not "not a tokenizer"
+            raise TokenizerError(f"{file}: cannot be read ({err})") from err
         except Exception as err:  # tokenizers raises a bare Exception on bad JSON
-            raise TokenizerError(f"{file}: not a tokenizer.json ({err})") from err
+            raise TokenizerError(f"{file}: not a tokenizer.json ({str(err).splitlines()[0][:300]})") from err
         super().__init__(path, self.hf.get_vocab_size(with_added_tokens=True), self._find_specials(folder, path))
 
     def _find_specials(self, folder: str, path: str) -> dict:
@@ -322,5 +326,7 @@ def save_hf_tokenizer(tokenizer_or_path, out_dir: str) -> str:
         from tokenizers import Tokenizer as HFTokenizer
 
         hf = HFTokenizer.from_str(tok.hf.to_str())
-    hf_export.write_folder(hf_export.finish_hf(hf, specials), specials, out_dir)
+    with scratch_dir(out_dir) as tmp:  # a full disk leaves no half-written tokenizer.json behind
+        hf_export.write_folder(hf_export.finish_hf(hf, specials), specials, str(tmp))
+        move_into(tmp, Path(out_dir))
     return out_dir

@@ -164,18 +164,27 @@ class DistributedOptimizer:
         self._publish()
 
     @torch.no_grad()
-    def sharded_state_dict(self) -> dict:
+    def sharded_state_dict(self, for_saving: bool = False) -> dict:
         """Layout-independent state: {"step": n, "master" | "exp_avg" | "exp_avg_sq": {full parameter
         name: [ShardedPiece]}}, the same pieces as the parameter's (model.sharded_state_dict()).
 
-        ZeRO-1 slices are all-gathered over data-parallel ranks first, so every rank briefly holds the
-        state of all its local parameters; data-parallel rank 0 holds the primary pieces.
+        Without ZeRO-1 the pieces are views of the optimizer's own tensors (no copy: a save streams
+        them to disk, a load fills them in place). ZeRO-1 slices are all-gathered over data-parallel
+        ranks first, so every rank briefly holds the state of all its local parameters; data-parallel
+        rank 0 holds the primary pieces. With for_saving, ZeRO-1 gathers one bucket and one kind at a
+        time and moves it to host memory (device memory grows by one bucket, not by the state), and
+        only data-parallel rank 0, the one that writes them, keeps the pieces.
         """
         out = {"step": self.step_count}
+        keep = not (for_saving and self.zero1) or self.dims.dp_rank == 0
         for key in STATE_KEYS:
-            fulls = [self._gathered(shard, key) for shard in self.shards]
             out[key] = {}
-            for shard, full in zip(self.shards, fulls):
+            for shard in self.shards:
+                full = self._gathered(shard, key)
+                if for_saving and self.zero1:
+                    full = full.to("cpu", copy=True) if keep else None  # the device copy is freed here
+                if full is None:
+                    continue
                 for index, offset in shard.bucket.plan.members:
                     info = self.buffers.infos[index]
                     view = full[offset:offset + info.param.numel()].view(info.param.shape)
@@ -185,7 +194,7 @@ class DistributedOptimizer:
     def _gathered(self, shard: Shard, key: str) -> torch.Tensor:
         local = getattr(shard, key)
         if not self.zero1:
-            return local.clone()
+            return local
         full = local.new_empty(shard.bucket.plan.numel)
         all_gather_single(full, local.contiguous(), group=self.dims.dp_group)
         return full

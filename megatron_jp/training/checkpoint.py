@@ -11,26 +11,40 @@ model-state readers used by the converters.
     CKPT_DIR/iter_0000100/rank_state/rank_00003.pt   each rank's own state (RNG, ...), torch.save
     CKPT_DIR/iter_0000100/config.yaml       the run configuration
     CKPT_DIR/iter_0000100/meta.json         {"meta": the caller's (step, consumed samples, ...),
-                                              "world_size", "layout", "optimizer_step",
-                                              "files": {relative path: bytes} of every data file}
+                                              "world_size", "layout", "optimizer_step", "run_id",
+                                              "files": {relative path: {"bytes", "sha256"}} of every
+                                              data file, .metadata included (training/manifest.py)}
 
 Publishing: every rank writes into CKPT_DIR/.iter_0000100.tmp; when all have finished, rank 0 writes
 config.yaml and meta.json, renames the folder to iter_0000100, replaces `latest` (temporary file +
 os.replace) and prunes old iterations. A process killed at any point leaves `latest` naming the
-previous complete folder; leftover .tmp folders are removed by the next save. (One exception: when
-the same step is saved twice, the old folder is moved aside just before the new one takes its name.)
+previous complete folder; leftover .tmp folders are removed by the next save (the run holds the
+directory's lock, training/run_lock.py, so they are not another run's). Saving the same step twice
+replaces the folder only if this run wrote it.
 
-Reading refuses, with CheckpointError naming the file: a data file missing or of another size than
-meta.json records (checked before any tensor is read), a missing or invalid config.yaml or meta.json,
-a `latest` naming a missing folder, and a model whose parameter shapes differ from the current
-config. config.yaml is not in the manifest: it may be edited (e.g. to point at a moved tokenizer).
+Nothing is lost: a save is refused when the weights or optimizer moments are not finite (the
+previous checkpoint stays `latest`); pruning deletes only folders this run wrote (its run_id, carried
+over by resumes), never the newest one with finite weights; a directory holding iter_* folders but
+no `latest` is refused with a listing instead of being started over (and pruned) at step 0.
+
+Nothing is trusted: reading refuses, with CheckpointError naming the file, a data file missing, of
+another size or another SHA-256 than meta.json records (checked before any tensor or the .metadata
+pickle is read), a missing or invalid config.yaml or meta.json, a `latest` that is not a text file
+naming a complete folder, non-finite weights, and a model whose parameter shapes differ from the
+current config. config.yaml is not in the manifest: it may be edited (e.g. to point at a moved
+tokenizer). A checkpoint folder is as trusted as a pickle: DCP's .metadata is one. It is unpickled
+with only DCP's own classes allowed (dcp_pieces.SafeReader) and its hash checked first, but whoever
+can write the folder can also rewrite meta.json: load checkpoints only from people you trust.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import pickle
 import shutil
+import threading
 import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -38,214 +52,78 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-import yaml
 
-from megatron_jp.config import Config, ConfigError, ModelConfig, config_from_dict, to_yaml
+from megatron_jp.config import Config
+from megatron_jp.files import remove_quietly
 from megatron_jp.models.encoder import tie, untie
 from megatron_jp.parallel.model import full_shapes
 from megatron_jp.training import dcp_pieces
-
-LATEST = "latest"
-MODEL_PREFIX = "model."
-OPTIM_PREFIX = "optim."
-CONFIG, META, RANK_STATE = "config.yaml", "meta.json", "rank_state"
-MOMENTS = ("exp_avg", "exp_avg_sq")
+from megatron_jp.training.ckpt_store import (  # noqa: F401  (re-exported: the checkpoint API in one place)
+    CONFIG, LATEST, META, MODEL_PREFIX, MOMENTS, OPTIM_PREFIX, RANK_STATE, CheckpointError, check_files,
+    check_same_shapes, find_latest, iteration_folders, iteration_name, new_run_id, non_finite_names, publish,
+    prune, read_config, read_meta, refuse_foreign, resolve_checkpoint, saved_shapes, start_folder,
+    write_metadata, _listing, _read_error, _write_error)
+from megatron_jp.training.manifest import write_durably
+from megatron_jp.training.run_lock import DirLock, LockedError
 
 # single-process save/load of DCP (converters, tools) is intended, not a forgotten init_process_group
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or written; the message names the file and what to do."""
+@dataclass
+class _Whole:
+    """A whole tensor as the one piece of its key (dcp_pieces takes pieces)."""
+
+    tensor: torch.Tensor
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    primary: bool = True
 
 
-def iteration_name(step: int) -> str:
-    return f"iter_{step:07d}"
+def save_model_checkpoint(ckpt_dir: str | os.PathLike, step: int, cfg: Config, state: dict[str, torch.Tensor],
+                          meta: dict | None = None, into_existing: bool = False) -> Path:
+    """A checkpoint holding only model weights (imported from Hugging Face, averaged), single process.
 
-
-# ----------------------------------------------------------------------------- finding and checking
-
-
-def find_latest(ckpt_dir: str | os.PathLike) -> Path | None:
-    """The iteration folder `latest` names, or None when the directory holds no checkpoint yet."""
-    latest = Path(ckpt_dir) / LATEST
-    if not latest.exists():
-        return None
-    target = latest.parent / latest.read_text().strip()
-    if not target.name.startswith("iter_") or not (target / ".metadata").exists():
-        raise CheckpointError(f"{latest} names {target.name}, which is missing or incomplete: point it at a "
-                              f"complete iter_* folder of {latest.parent}, or remove it to start afresh")
-    return target
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """An iteration folder, from itself or from a checkpoint directory holding `latest`."""
-    path = Path(path)
-    if (path / ".metadata").exists():
-        return path
-    target = find_latest(path)
-    if target is None:
-        raise CheckpointError(f"{path} is neither a checkpoint iteration folder (no .metadata) "
-                              f"nor a checkpoint directory (no {LATEST} file)")
-    return target
-
-
-def read_config(iter_dir: Path) -> Config:
-    path = iter_dir / CONFIG
-    if not path.exists():
-        raise CheckpointError(f"{path} is missing: every checkpoint folder stores its run configuration; "
-                              f"restore it from the run's YAML or load another iteration")
-    try:
-        return config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")), str(path))
-    except (yaml.YAMLError, ConfigError) as e:
-        raise CheckpointError(f"{path} is not a valid run configuration ({e}); restore it from the run's "
-                              f"YAML or load another iteration") from None
-
-
-def read_meta(iter_dir: Path) -> dict:
-    path = iter_dir / META
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing: the folder is not a complete checkpoint; "
-                              f"load another iteration") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); load another iteration") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("meta", {}), dict):
-        raise CheckpointError(f"{path} does not hold a checkpoint record (a JSON object with 'meta'); "
-                              f"load another iteration")
-    return meta
-
-
-def check_files(iter_dir: Path, info: dict):
-    """Every data file meta.json lists exists with the recorded size (a cheap test before reading)."""
-    for name, size in info.get("files", {}).items():
-        path = iter_dir / name
-        if not path.is_file():
-            raise CheckpointError(f"{path} is missing ({size} bytes in {META}'s manifest): restore the file "
-                                  f"or load an earlier iteration")
-        actual = path.stat().st_size
-        if actual != size:
-            raise CheckpointError(f"{path} has {actual} bytes, {META} records {size}: the file is truncated "
-                                  f"or damaged; restore it or load an earlier iteration")
-
-
-def check_same_shapes(saved: ModelConfig, current: ModelConfig, iter_dir: Path):
-    """Refuse a checkpoint of another model; other settings (rope_theta, seq_length, ...) may differ."""
-    before, now = full_shapes(saved), full_shapes(current)
-    for name in dict.fromkeys([*before, *now]):
-        if before.get(name) != now.get(name):
-            raise CheckpointError(
-                f"{iter_dir / CONFIG} describes another model: {name} is {_shape(before.get(name))} in the "
-                f"checkpoint and {_shape(now.get(name))} in this run; use the model settings of that file")
-
-
-def _shape(shape) -> str:
-    return "absent" if shape is None else str(tuple(shape))
-
-
-def saved_shapes(iter_dir: Path) -> dict[str, tuple[int, ...]]:
-    try:
-        return dcp_pieces.saved_shapes(iter_dir)
-    except Exception as e:
-        raise CheckpointError(f"{iter_dir / '.metadata'} cannot be read ({type(e).__name__}: {e}); "
-                              f"load an earlier iteration") from None
-
-
-def _first_line(e: BaseException) -> str:
-    """DCP's CheckpointException carries every rank's traceback: its first line is the news."""
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
-
-
-def _read_error(iter_dir: Path, e: BaseException) -> CheckpointError:
-    return CheckpointError(f"{iter_dir}: cannot read the tensors, a shard is missing or damaged "
-                           f"({_first_line(e)}); load an earlier iteration")
-
-
-# ----------------------------------------------------------------------------- writing and publishing
-
-
-def _write_durably(path: Path, text: str):
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _data_files(folder: Path) -> dict[str, int]:
-    """{relative path: bytes} of every file but config.yaml (editable) and meta.json (the record)."""
-    files = (p for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in (CONFIG, META))
-    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in files}
-
-
-def write_metadata(folder: Path, cfg: Config, info: dict):
-    """config.yaml, then meta.json with the manifest of the data files already in `folder`."""
-    _write_durably(folder / CONFIG, to_yaml(cfg))
-    _write_durably(folder / META, json.dumps({**info, "files": _data_files(folder)}, indent=2) + "\n")
-
-
-def start_folder(ckpt_dir: Path, step: int) -> Path:
-    """A fresh CKPT_DIR/.iter_XXXXXXX.tmp; removes what killed saves left behind. Rank 0 only."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ckpt_dir.glob(".iter_*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
-    (ckpt_dir / f".{LATEST}.tmp").unlink(missing_ok=True)
-    tmp = ckpt_dir / f".{iteration_name(step)}.tmp"
-    (tmp / RANK_STATE).mkdir(parents=True)
-    return tmp
-
-
-def publish(ckpt_dir: Path, tmp: Path, step: int, keep: int) -> Path:
-    """Rename the complete `tmp` to iter_<step>, point `latest` at it, prune beyond `keep` (0: keep all)."""
-    final = ckpt_dir / iteration_name(step)
-    replaced = None
-    if final.exists():  # the same step saved again, e.g. by a run resumed from it
-        replaced = ckpt_dir / f".{final.name}.replaced.tmp"
-        os.replace(final, replaced)
-    os.replace(tmp, final)
-    pointer = ckpt_dir / f".{LATEST}.tmp"
-    _write_durably(pointer, final.name + "\n")
-    os.replace(pointer, ckpt_dir / LATEST)
-    _fsync_dir(ckpt_dir)
-    if replaced is not None:
-        shutil.rmtree(replaced)
-    prune(ckpt_dir, keep, final)
-    return final
-
-
-def prune(ckpt_dir: Path, keep: int, newest: Path):
-    """Delete all but the `keep` most recent iteration folders; `newest` (just published) always stays."""
-    if keep <= 0:
-        return
-    others = sorted((p for p in ckpt_dir.glob("iter_*") if p.is_dir() and p.name != newest.name
-                     and p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))  # not iter_backup/
-    for old in others[:max(len(others) - (keep - 1), 0)]:
-        doomed = ckpt_dir / f".{old.name}.deleting.tmp"  # a killed deletion leaves only a stale .tmp
-        os.replace(old, doomed)
-        shutil.rmtree(doomed)
-
-
-def save_model_checkpoint(ckpt_dir: str | os.PathLike, step: int, cfg: Config,
-                          state: dict[str, torch.Tensor], meta: dict | None = None) -> Path:
-    """A checkpoint holding only model weights (e.g. imported from Hugging Face), single process."""
-    state = untie(state, cfg.model)  # one tensor under two names: store it once
+    Refuses a directory that already holds checkpoints (a run's: its `latest` would be repointed and an
+    iteration of the same name replaced) unless `into_existing`, which adds iter_<step> beside them,
+    only if no such folder exists, and leaves an existing `latest` alone. Refuses non-finite weights."""
     ckpt_dir = Path(ckpt_dir)
+    bad = non_finite_names(state)
+    if bad:
+        raise CheckpointError(f"not writing {ckpt_dir}: the weights are not finite ({', '.join(bad[:5])}); "
+                              f"check the inputs")
+    try:
+        with DirLock(ckpt_dir, "a tool writing a checkpoint"):
+            return _save_model_checkpoint(ckpt_dir, step, cfg, untie(state, cfg.model), meta, into_existing)
+    except LockedError as e:
+        raise CheckpointError(str(e)) from None
+    except OSError as e:
+        raise _write_error(ckpt_dir, e) from None
+
+
+def _save_model_checkpoint(ckpt_dir: Path, step: int, cfg: Config, state: dict, meta, into_existing: bool) -> Path:
+    existing = iteration_folders(ckpt_dir)
+    has_latest = os.path.lexists(ckpt_dir / LATEST)
+    if (existing or has_latest) and not into_existing:
+        raise CheckpointError(
+            f"{ckpt_dir} already holds checkpoints ({_listing(existing) or LATEST}): a tool does not write into a "
+            f"run's checkpoint directory. Choose a new --output, or pass --iteration N to add iter_N beside them "
+            f"(`latest` stays as it is)")
+    final = ckpt_dir / iteration_name(step)
+    if final.exists():
+        raise CheckpointError(f"{final} exists: choose another --iteration (a folder is never replaced by a tool)")
     tmp = start_folder(ckpt_dir, step)
-    dcp.save({MODEL_PREFIX + k: v.detach().contiguous() for k, v in state.items()},
-             checkpoint_id=str(tmp), no_dist=True)
-    write_metadata(tmp, cfg, {"meta": {"step": step, **(meta or {})}})
-    return publish(ckpt_dir, tmp, step, keep=0)
+    pieces = {MODEL_PREFIX + k: [_Whole(v.detach().contiguous(), tuple(v.shape), (0,) * v.dim())]
+              for k, v in state.items()}
+    try:
+        report = dcp_pieces.save(pieces, tmp, no_dist=True)
+        info = {"meta": {"step": step, **(meta or {})}, "run_id": new_run_id(), "weights_finite": True}
+        write_metadata(tmp, cfg, info, report.files)
+    except (Exception, CheckpointException) as e:
+        remove_quietly(tmp)
+        raise _write_error(tmp, e) from None
+    return publish(ckpt_dir, tmp, step, keep=0, point_latest=not has_latest)
 
 
 def load_model_state(path: str | os.PathLike) -> tuple[Config, dict[str, torch.Tensor]]:
@@ -253,13 +131,27 @@ def load_model_state(path: str | os.PathLike) -> tuple[Config, dict[str, torch.T
     iter_dir = resolve_checkpoint(path)
     check_files(iter_dir, read_meta(iter_dir))
     cfg = read_config(iter_dir)
+    saved_shapes(iter_dir)  # refuses a crafted .metadata before DCP unpickles it
     shapes = full_shapes(cfg.model)  # tied: the decoder is absent, as in the checkpoint
     state = {MODEL_PREFIX + k: torch.empty(v, dtype=torch.float32) for k, v in shapes.items()}
     try:
-        dcp.load(state, checkpoint_id=str(iter_dir), no_dist=True)
+        dcp_pieces.load({k: [_Whole(v, tuple(v.shape), (0,) * v.dim())] for k, v in state.items()},
+                        iter_dir, no_dist=True)
     except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
         raise _read_error(iter_dir, e) from None
+    bad = non_finite_names(state)
+    if bad:
+        raise CheckpointError(f"{iter_dir} holds non-finite weights ({', '.join(n[len(MODEL_PREFIX):] for n in bad[:5])}); "
+                              f"load an earlier iteration")
     return cfg, tie({k[len(MODEL_PREFIX):]: v for k, v in state.items()}, cfg.model)
+
+
+def checkpoint_bytes(cfg: Config) -> int:
+    """About how many bytes one checkpoint of this run takes: weights at their precision, two fp32
+    Adam moments, fp32 master weights when the parameters are not fp32 (rank states are small)."""
+    params = sum(math.prod(shape) for shape in full_shapes(cfg.model).values())
+    per_param = 4 + 8 if cfg.train.precision == "fp32" else 2 + 8 + 4
+    return params * per_param + (1 << 20)
 
 
 # ----------------------------------------------------------------------------- the distributed checkpointer
@@ -274,6 +166,7 @@ class Loaded:
     meta: dict  # the `meta` given to Checkpointer.save
     rank_state: dict | None  # this rank's, if the checkpoint's world size and layout are this run's
     optimizer_step: int | None  # None for model-only checkpoints
+    run_id: str | None = None  # the run that wrote it (None: a tool, or written before run ids)
 
 
 @dataclass
@@ -282,15 +175,32 @@ class _PendingSave:
     tmp: Path
     info: dict
     future: Future
+    rank_files: dict
+
+
+def _in_background(work) -> Future:
+    """Run `work` on a daemon thread (a second Ctrl-C must not wait for a write at exit)."""
+    future: Future = Future()
+
+    def run():
+        try:
+            future.set_result(work())
+        except BaseException as e:  # noqa: B036  (CheckpointException is a BaseException)
+            future.set_exception(e)
+
+    threading.Thread(target=run, name="checkpoint-writer", daemon=True).start()
+    return future
 
 
 class Checkpointer:
     """Saves and loads a ParallelModel (and its optimizer) in any tensor/pipeline/data layout.
 
     Every method is collective: all ranks call it at the same point. Each rank writes only the blocks
-    it is primary for; loading fills every local block, primary or replica, from whatever layout
-    wrote the checkpoint. With async_save, save() returns once the tensors are copied to CPU memory;
-    the write continues in a background thread and is published by wait() or by the next save().
+    it is primary for, one piece at a time (dcp_pieces.StreamingWriter: no copy of the state);
+    loading fills every local block, primary or replica, from whatever layout wrote the checkpoint.
+    With async_save, save() returns once the pieces are copied into host buffers allocated at the
+    first save and reused (pinned on GPUs); the write continues on a background thread and is
+    published by wait() or by the next save().
     """
 
     def __init__(self, ckpt_dir: str | os.PathLike, cfg: Config, dims, keep: int = 2, async_save: bool = False):
@@ -300,6 +210,9 @@ class Checkpointer:
         # group of its own keeps them apart from training collectives (and works under NCCL runs)
         self.group = dist.new_group(backend="gloo") if dims.distributed else None
         self._pending: _PendingSave | None = None
+        self._staging = dcp_pieces.StagingBuffers()
+        self.run_id = self._broadcast(new_run_id())  # adopted from the checkpoint on resume (adopt())
+        self.hash_seconds = 0.0  # spent hashing on the write path by this rank (a figure for bench/)
 
     @property
     def _no_dist(self) -> bool:
@@ -309,9 +222,77 @@ class Checkpointer:
         if self.group is not None:
             dist.barrier(group=self.group)
 
+    def _broadcast(self, value):
+        if self.group is None:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0), group=self.group)
+        return box[0]
+
+    def _agree(self, work) -> None:
+        """Run `work` on every rank; if it raised CheckpointError anywhere, raise it everywhere (no rank
+        is left waiting in a collective the others skipped)."""
+        message = None
+        try:
+            work()
+        except CheckpointError as e:
+            message = str(e)
+        if self.group is not None:
+            messages = [None] * dist.get_world_size(self.group)
+            dist.all_gather_object(messages, message, group=self.group)
+            message = next((m for m in messages if m), None)
+        if message:
+            raise CheckpointError(message)
+
+    def _on_rank0(self, work) -> None:
+        """Run `work` on rank 0 only; a CheckpointError or OSError there is raised on every rank."""
+        def guarded():
+            if self.dims.rank == 0:
+                try:
+                    work()
+                except OSError as e:
+                    raise _write_error(self.dir, e) from None
+
+        self._agree(guarded)
+
     def _layout(self) -> dict:
         d = self.dims
         return {"tensor": d.tp, "pipeline": d.pp, "data": d.dp, "virtual_pipeline": d.vpp}
+
+    def adopt(self, loaded: Loaded):
+        """Continue the run that wrote `loaded` (a resume): its folders become this run's to prune."""
+        if loaded.run_id:
+            self.run_id = loaded.run_id
+
+    # ------------------------------------------------------------------------- checks
+
+    def preflight(self, needed_bytes: int):
+        """Before the first step: the directory can be created and written, and has room for one
+        checkpoint (`needed_bytes`, e.g. checkpoint_bytes(cfg)); refused with the reason otherwise."""
+        def check():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            probe = self.dir / f".write-test.{os.getpid()}.tmp"
+            try:
+                write_durably(probe, b"x")
+            finally:
+                remove_quietly(probe)
+            free = shutil.disk_usage(self.dir).free
+            if free < needed_bytes:
+                raise CheckpointError(f"{self.dir} has {free / 1e9:.2f} GB free, one checkpoint of this run takes "
+                                      f"about {needed_bytes / 1e9:.2f} GB: free space or set checkpoint.dir elsewhere")
+
+        self._on_rank0(check)
+
+    def check_finite(self, model, optimizer, where: str):
+        """Refuse (CheckpointError on every rank) weights or optimizer moments holding NaN or inf."""
+        tensors = {i.spec.full_name: i.param.data for i in model.infos}
+        if optimizer is not None:
+            for n, shard in enumerate(optimizer.shards):
+                for key in (*MOMENTS, "master"):
+                    tensors[f"optimizer {key} (bucket {n})"] = getattr(shard, key)
+        bad = non_finite_names(tensors)
+        self._agree(lambda: _raise_if(bad, f"{where}: non-finite values (NaN or inf) in {', '.join(bad[:4])}"
+                                           f"{' ...' if len(bad) > 4 else ''}"))
 
     # ------------------------------------------------------------------------- saving
 
@@ -320,49 +301,77 @@ class Checkpointer:
         (tensors, numbers, strings and containers: it is read back with weights_only=True)."""
         self.wait()  # one save in flight at a time
         info = {"meta": dict(meta or {}), "world_size": self.dims.world_size, "layout": self._layout(),
-                "optimizer_step": optimizer.step_count if optimizer is not None else None}
+                "optimizer_step": optimizer.step_count if optimizer is not None else None,
+                "run_id": self.run_id, "weights_finite": True}
         json.dumps(info)  # refuse what meta.json cannot hold before writing anything
         if rank_state is not None:
             _check_weights_only(rank_state, "rank_state")
+        latest = _latest_name(self.dir)
+        try:
+            self.check_finite(model, optimizer, f"step {step}")
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}: not saved, {latest or 'no checkpoint'} stays the latest. The run "
+                                  f"diverged: resume from the last checkpoint with a lower optim.lr or more "
+                                  f"optim.warmup_steps") from None
         tmp = self.dir / f".{iteration_name(step)}.tmp"
-        if self.dims.rank == 0:
-            start_folder(self.dir, step)
-        self._barrier()  # the folder exists (and stale ones are gone) before anyone writes
-        if rank_state is not None:
-            _save_rank_state(tmp / RANK_STATE / f"rank_{self.dims.rank:05d}.pt", rank_state)
-        state = self._pieces_to_save(model, optimizer)
-        if self.async_save:
-            future = dcp_pieces.async_save(dcp_pieces.stage_to_cpu(state), tmp, self.group, self._no_dist)
-            self._pending = _PendingSave(step, tmp, info, future)
-        else:
-            self._written(lambda: dcp_pieces.save(state, tmp, self.group, self._no_dist), tmp)
-            self._publish(step, tmp, info)
+        self._on_rank0(lambda: (refuse_foreign(self.dir, step, self.run_id), start_folder(self.dir, step)))
+        rank_files = {}
+        try:
+            if rank_state is not None:
+                name = f"{RANK_STATE}/rank_{self.dims.rank:05d}.pt"
+                rank_files[name] = _save_rank_state(tmp / name, rank_state)
+            state = self._pieces_to_save(model, optimizer)
+            if self.async_save:
+                staged = self._staging.stage(state)
+                del state
+                future = _in_background(lambda: dcp_pieces.save(staged, tmp, self.group, self._no_dist))
+                self._pending = _PendingSave(step, tmp, info, future, rank_files)
+                return
+            report = dcp_pieces.save(state, tmp, self.group, self._no_dist)
+        except (Exception, CheckpointException) as e:
+            self._abandon(tmp)
+            raise _write_error(tmp, e) from None
+        self._publish(step, tmp, info, {**report.files, **rank_files}, report.hash_seconds)
 
     def wait(self):
         """Finish and publish a pending asynchronous save (nothing otherwise). Call before exiting."""
         pending, self._pending = self._pending, None
         if pending is not None:
-            self._written(pending.future.result, pending.tmp)
-            self._publish(pending.step, pending.tmp, pending.info)
+            try:
+                report = pending.future.result()
+            except (Exception, CheckpointException) as e:
+                self._abandon(pending.tmp)
+                raise _write_error(pending.tmp, e) from None
+            self._publish(pending.step, pending.tmp, pending.info, {**report.files, **pending.rank_files},
+                          report.hash_seconds)
 
-    def _written(self, write, tmp: Path):
-        try:
-            write()
-        except (Exception, CheckpointException) as e:
-            raise CheckpointError(f"writing {tmp} failed ({_first_line(e)}); the previous checkpoint "
-                                  f"stays the latest") from e
-
-    def _publish(self, step: int, tmp: Path, info: dict):
-        self._barrier()  # every rank's files are complete
+    def _abandon(self, tmp: Path):
+        """A failed write: free the disk now (a full disk stays full otherwise); removal needs no space."""
         if self.dims.rank == 0:
-            write_metadata(tmp, self.cfg, info)
-            publish(self.dir, tmp, step, self.keep)
-        self._barrier()  # nobody goes on before `latest` names the new folder
+            remove_quietly(tmp)
+
+    def _publish(self, step: int, tmp: Path, info: dict, files: dict, hash_seconds: float):
+        self.hash_seconds += hash_seconds
+        if self.group is not None:  # every rank's files are complete; rank 0 records all their hashes
+            gathered = [None] * dist.get_world_size(self.group) if self.dims.rank == 0 else None
+            dist.gather_object(files, gathered, dst=dist.get_global_rank(self.group, 0), group=self.group)
+            if gathered is not None:
+                files = {k: v for part in gathered for k, v in part.items()}
+
+        def finish():
+            try:
+                write_metadata(tmp, self.cfg, info, files)
+                publish(self.dir, tmp, step, self.keep, self.run_id)
+            except OSError:
+                remove_quietly(tmp)
+                raise
+
+        self._on_rank0(finish)  # nobody goes on before `latest` names the new folder
 
     def _pieces_to_save(self, model, optimizer) -> dict[str, list]:
         state = _keyed(MODEL_PREFIX, model.sharded_state_dict(), primary_only=True)
         if optimizer is not None:
-            sharded = optimizer.sharded_state_dict()  # collective: ZeRO-1 slices gathered over dp
+            sharded = optimizer.sharded_state_dict(for_saving=True)  # collective: ZeRO-1 gathers over dp
             kinds = MOMENTS if model.dtype == torch.float32 else (*MOMENTS, "master")
             for kind in kinds:
                 state.update(_keyed(f"{OPTIM_PREFIX}{kind}.", sharded[kind], primary_only=True))
@@ -375,12 +384,21 @@ class Checkpointer:
 
         Without an optimizer only the weights are read; call optimizer.sync_master_from_params()
         afterwards if one exists (bf16 master weights). The checkpoint's model may differ from
-        model.cfg in anything but the parameter shapes.
+        model.cfg in anything but the parameter shapes. The files are checked against the manifest
+        (sizes, then SHA-256, the files split over the ranks) before anything is unpickled or read,
+        and the loaded values must be finite.
         """
         self.wait()
         iter_dir = Path(iter_dir)
-        info = read_meta(iter_dir)
-        check_files(iter_dir, info)
+        world = dist.get_world_size(self.group) if self.group is not None else 1
+        rank = dist.get_rank(self.group) if self.group is not None else 0
+        info: dict = {}
+
+        def check():
+            info.update(read_meta(iter_dir))
+            check_files(iter_dir, info, rank, world)
+
+        self._agree(check)
         config = read_config(iter_dir)
         check_same_shapes(config.model, model.cfg, iter_dir)
         saved = saved_shapes(iter_dir)
@@ -396,8 +414,9 @@ class Checkpointer:
         if sharded is not None:
             sharded["step"] = int(info.get("optimizer_step") or 0)
             optimizer.load_sharded_state_dict(sharded)
+        self.check_finite(model, optimizer if sharded is not None else None, f"{iter_dir} holds")
         return Loaded(iter_dir, config, info.get("meta", {}), self._rank_state(iter_dir, info),
-                      info.get("optimizer_step"))
+                      info.get("optimizer_step"), info.get("run_id"))
 
     @staticmethod
     def _optimizer_targets(sharded: dict, saved: dict, iter_dir: Path) -> dict[str, list]:
@@ -422,9 +441,21 @@ class Checkpointer:
             return None  # saved without rank_state
         try:
             return torch.load(path, weights_only=True)
-        except Exception as e:
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
             raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {e}); "
                                   f"load an earlier iteration") from None
+
+
+def _raise_if(bad: list, message: str):
+    if bad:
+        raise CheckpointError(message)
+
+
+def _latest_name(ckpt_dir: Path) -> str | None:
+    try:
+        return (ckpt_dir / LATEST).read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _keyed(prefix: str, by_name: dict[str, list], primary_only: bool = False) -> dict[str, list]:
@@ -464,8 +495,11 @@ def _check_weights_only(value, where: str):
                         f"and lists/tuples/dicts of them (convert e.g. numpy arrays with torch.from_numpy)")
 
 
-def _save_rank_state(path: Path, state: dict):
+def _save_rank_state(path: Path, state: dict) -> tuple[int, str]:
+    """torch.save, fsynced; returns (bytes, sha256) for the manifest."""
     with open(path, "wb") as f:
-        torch.save(state, f)
+        stream = dcp_pieces.HashingStream(f)
+        torch.save(state, stream)
         f.flush()
         os.fsync(f.fileno())
+    return stream.length, stream.sha.hexdigest()

@@ -13,21 +13,30 @@ GLU fc1). So two small planners describe the blocks to DCP themselves:
   (e.g. the model's and the optimizer's master copy of one parameter): each is filled.
 
 The files are plain DCP: a reader that asks for whole tensors (dcp.load of full tensors) reads them.
+Two classes replace DCP's file writer and reader: StreamingWriter writes one piece at a time without
+keeping copies and hashes each file on its way to disk; SafeReader unpickles .metadata with only
+DCP's own classes allowed (torch's reader would run whatever a crafted pickle names).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from concurrent.futures import Future
+import hashlib
+import io
+import os
+import pickle
+import time
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, FileSystemReader, FileSystemWriter, _StorageInfo
+from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta,
+                                                   TensorProperties)
 from torch.distributed.checkpoint.planner import (LoadPlan, LoadPlanner, SavePlan, TensorWriteData, WriteItem,
                                                   WriteItemType)
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
-from torch.distributed.checkpoint.staging import AsyncStager
+from torch.distributed.checkpoint.storage import WriteResult
 
 
 class PieceSavePlanner(DefaultSavePlanner):
@@ -89,41 +98,188 @@ class PieceLoadPlanner(LoadPlanner):
         pass  # resolve_tensor returned a view of the piece: the reader has written in place
 
 
-class _AlreadyStaged(AsyncStager):
-    """dcp.async_save's staging step when stage_to_cpu() has already copied the pieces."""
-
-    _synchronize_after_execute = False
-
-    def stage(self, state_dict):
-        return state_dict
+# ----------------------------------------------------------------------------- writing, one piece at a time
 
 
-def stage_to_cpu(state: dict[str, list]) -> dict[str, list]:
-    """Copies of the pieces in CPU memory: training may change the originals while a write runs."""
-    return {key: [dataclasses.replace(p, tensor=p.tensor.detach().to("cpu", copy=True)) for p in pieces]
-            for key, pieces in state.items()}
+class HashingStream(io.RawIOBase):
+    """A write-only stream that forwards to `raw` and keeps the SHA-256 and length of what passed."""
+
+    def __init__(self, raw):
+        super().__init__()
+        self.raw, self.sha, self.length = raw, hashlib.sha256(), 0
+        self.hash_seconds = 0.0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        begin = time.perf_counter()
+        self.sha.update(view)
+        self.hash_seconds += time.perf_counter() - begin
+        self.raw.write(view)
+        self.length += len(view)
+        return len(view)
+
+    def tell(self) -> int:
+        return self.length
 
 
-def save(state: dict[str, list], folder, group=None, no_dist: bool = False):
-    """Write the pieces into `folder`; collective over `group` unless no_dist."""
-    dcp.save(state, storage_writer=dcp.FileSystemWriter(folder), planner=PieceSavePlanner(),
-             process_group=group, no_dist=no_dist)
+@dataclasses.dataclass
+class WriteReport:
+    """What one rank's write produced: {file name: (bytes, sha256)} and the seconds spent hashing."""
+
+    files: dict[str, tuple[int, str]] = dataclasses.field(default_factory=dict)
+    hash_seconds: float = 0.0
 
 
-def async_save(state: dict[str, list], folder, group=None, no_dist: bool = False) -> Future:
-    """Write already staged pieces (stage_to_cpu) from a background thread; the future completes with
-    the write. The thread runs collectives on `group`: give it a group that nothing else uses."""
-    return dcp.async_save(state, storage_writer=dcp.FileSystemWriter(folder), planner=PieceSavePlanner(),
-                          process_group=group, no_dist=no_dist, async_stager=_AlreadyStaged())
+def _compact_cpu(tensor: torch.Tensor) -> torch.Tensor:
+    """The piece as a CPU tensor that owns exactly its bytes: torch.save writes a tensor's whole
+    storage, and a piece is a view into a flat bucket. One piece at a time is copied, never the state."""
+    tensor = tensor.detach().cpu()
+    if tensor.untyped_storage().nbytes() != tensor.nbytes or not tensor.is_contiguous():
+        tensor = tensor.contiguous().clone()
+    return tensor
+
+
+class StreamingWriter(FileSystemWriter):
+    """DCP's file writer, minus its copies: DCP's own loop keeps every tensor it wrote referenced until
+    the file is closed (a full copy of the state when pieces are views); this one writes each piece,
+    hashes the bytes on their way to the file and lets the piece go. One file per rank, fsynced;
+    the same file format (torch.save records at recorded offsets), so plain DCP readers read it."""
+
+    def __init__(self, path):
+        super().__init__(path, single_file_per_rank=True, sync_files=True, thread_count=1, overwrite=True)
+        self.report = WriteReport()
+
+    def write_data(self, plan: SavePlan, planner) -> torch.futures.Future:
+        name = f"{plan.storage_data.prefix}0{DEFAULT_SUFFIX}"
+        results = []
+        with open(os.path.join(self.path, name), "wb") as raw:
+            stream = HashingStream(raw)
+            for item in plan.items:
+                offset = stream.tell()
+                data = planner.resolve_data(item)
+                if item.type == WriteItemType.BYTE_IO:
+                    stream.write(data.getbuffer())
+                else:
+                    torch.save(_compact_cpu(data), stream)
+                results.append(WriteResult(index=item.index, size_in_bytes=stream.tell() - offset,
+                                           storage_data=_StorageInfo(name, offset, stream.tell() - offset)))
+                del data
+            raw.flush()
+            os.fsync(raw.fileno())
+        self.report.files[name] = (stream.length, stream.sha.hexdigest())
+        self.report.hash_seconds += stream.hash_seconds
+        done: torch.futures.Future = torch.futures.Future()
+        done.set_result(results)
+        return done
+
+
+# ----------------------------------------------------------------------------- reading .metadata safely
+
+# DCP's .metadata is a pickle. These are the only globals a checkpoint written by torch's DCP refers
+# to (tensor dtypes are added below): anything else (os.system, builtins.eval, ...) is refused.
+_METADATA_GLOBALS = {
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    *(("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")),
+}
+
+
+class MetadataRefused(pickle.UnpicklingError):
+    """A .metadata pickle that names something a DCP checkpoint never holds."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _METADATA_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                     torch.dtype)):
+            return super().find_class(module, name)
+        raise MetadataRefused(f"it refers to {module}.{name}, which no DCP checkpoint holds (a crafted or "
+                              f"foreign file: a checkpoint folder is as trusted as a pickle)")
+
+
+def read_metadata(folder) -> Metadata:
+    """A folder's DCP .metadata, unpickled with only DCP's own classes allowed."""
+    with open(os.path.join(folder, ".metadata"), "rb") as f:
+        metadata = _MetadataUnpickler(f).load()
+    if not isinstance(metadata, Metadata):
+        raise MetadataRefused(f"it holds a {type(metadata).__name__}, not DCP Metadata")
+    if getattr(metadata, "storage_meta", None) is None:
+        metadata.storage_meta = StorageMeta()
+    return metadata
+
+
+class SafeReader(FileSystemReader):
+    """DCP's file reader with the restricted .metadata unpickler (tensor records are already read
+    with torch.load(weights_only=True) by DCP)."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        metadata = read_metadata(self.path)
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+# ----------------------------------------------------------------------------- staging for async saves
+
+
+class StagingBuffers:
+    """Host copies of the pieces for an asynchronous save, allocated at the first save and reused by
+    every later one (pinned when CUDA is there, so device-to-host copies run at full speed and need no
+    pageable bounce buffer). A second copy of what is written is what an async save costs by nature;
+    allocated once, it is a fixed, known amount instead of a new allocation per save."""
+
+    def __init__(self):
+        self.buffers: dict[tuple[str, int], torch.Tensor] = {}
+
+    def _buffer(self, key: str, index: int, like: torch.Tensor) -> torch.Tensor:
+        buf = self.buffers.get((key, index))
+        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype:
+            buf = torch.empty(like.shape, dtype=like.dtype, pin_memory=torch.cuda.is_available())
+            self.buffers[(key, index)] = buf
+        return buf
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self.buffers.values())
+
+    def stage(self, state: dict[str, list]) -> dict[str, list]:
+        """Copy every piece into its buffer; returns the same pieces pointing at the buffers."""
+        staged = {}
+        for key, pieces in state.items():
+            staged[key] = []
+            for i, p in enumerate(pieces):
+                buf = self._buffer(key, i, p.tensor)
+                buf.copy_(p.tensor.detach(), non_blocking=buf.is_pinned())
+                staged[key].append(dataclasses.replace(p, tensor=buf))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the copies are complete before training changes the originals
+        return staged
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def save(state: dict[str, list], folder, group=None, no_dist: bool = False) -> WriteReport:
+    """Write the pieces into `folder`; collective over `group` unless no_dist. Returns this rank's files
+    with their sizes and SHA-256 (the writer computes them on the way to disk). Safe to call from a
+    background thread if `group` is used by nothing else."""
+    writer = StreamingWriter(folder)
+    dcp.save(state, storage_writer=writer, planner=PieceSavePlanner(), process_group=group, no_dist=no_dist)
+    return writer.report
 
 
 def load(state: dict[str, list], folder, group=None, no_dist: bool = False):
     """Fill every piece in place from `folder`; every key must be in the checkpoint (see saved_shapes)."""
-    dcp.load(state, storage_reader=dcp.FileSystemReader(folder), planner=PieceLoadPlanner(),
+    dcp.load(state, storage_reader=SafeReader(folder), planner=PieceLoadPlanner(),
              process_group=group, no_dist=no_dist)
 
 
 def saved_shapes(folder) -> dict[str, tuple[int, ...]]:
-    """{key: global shape} of every tensor in a DCP folder (reads only its .metadata file)."""
-    metadata = dcp.FileSystemReader(folder).read_metadata()
+    """{key: global shape} of every tensor in a DCP folder (reads only its .metadata file, safely)."""
+    metadata = read_metadata(folder)
     return {key: tuple(md.size) for key, md in metadata.state_dict_metadata.items() if hasattr(md, "size")}

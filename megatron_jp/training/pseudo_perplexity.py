@@ -54,7 +54,9 @@ def pseudo_perplexity(documents: list[list[int]], special: SpecialIds, scorer: S
         log_likelihood, tokens = log_likelihood + ll, tokens + n
     if tokens == 0:
         raise ValueError("no token to score: every document was empty")
-    return {"pppl": math.exp(-log_likelihood / tokens), "tokens": tokens, "documents": len(documents)}
+    mean_nll = -log_likelihood / tokens
+    pppl = float("inf") if mean_nll > 709.0 else math.exp(mean_nll)  # NaN stays NaN; exp overflows past 709.78
+    return {"pppl": pppl, "tokens": tokens, "documents": len(documents)}
 
 
 def encoder_scorer(model) -> Scorer:

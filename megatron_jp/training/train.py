@@ -18,7 +18,6 @@ from __future__ import annotations
 import itertools
 import random
 import resource
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -32,17 +31,22 @@ from tqdm import tqdm
 from megatron_jp.config import Config, ConfigError, to_yaml, validate
 from megatron_jp.data.loader import build_data_loaders
 from megatron_jp.data.sources import DataError
+from megatron_jp.files import describe_os_error, write_text
 from megatron_jp.data.tokenizers import build_tokenizer
 from megatron_jp.parallel import (ParallelDims, StepResult, build_optimizer, build_parallel_model, eval_step,
                                   init_process_group, launch_env, train_step)
 from megatron_jp.parallel.compile import compile_enabled, use_compile_cache
 from megatron_jp.parallel.memory import memory_warning
-from megatron_jp.training import schedules
-from megatron_jp.training.checkpoint import Checkpointer, CheckpointError
+from megatron_jp.training import environment, schedules
+from megatron_jp.training.checkpoint import Checkpointer, CheckpointError, checkpoint_bytes
 from megatron_jp.training.flops import effective_seq_length, flops_per_token, mfu
 from megatron_jp.training.metrics import MetricsWriter, console_line
+from megatron_jp.training.probe import MaskedWordProbe, build_dataset
+from megatron_jp.training.run_lock import LockedError, hold_run_dirs
 from megatron_jp.training.schedules import Curricula
 from megatron_jp.training.startup import Start, checkpoint_dir, resolve_vocab, starting_checkpoint
+from megatron_jp.training.stop import StopRequest
+from megatron_jp.training.watchdog import NullWatchdog, Watchdog
 
 
 class TrainingAborted(RuntimeError):
@@ -61,8 +65,10 @@ class Progress:
 # ------------------------------------------------------------------------------------------ entry
 
 
-def run(cfg: Config) -> int:
-    """Train as configured; returns the process exit status."""
+def run(cfg: Config, stop: StopRequest | None = None) -> int:
+    """Train as configured; returns the process exit status. `stop`: signal handlers installed early
+    (megatron_jp.train does so before importing torch), else now."""
+    stop = stop or StopRequest()
     rank, world, _ = launch_env()
     try:
         validate(cfg, world)
@@ -71,18 +77,42 @@ def run(cfg: Config) -> int:
         loaders, curricula = prepare_data(cfg, rank, world)
     except (ConfigError, CheckpointError, ValueError, OSError) as e:  # before any process group exists
         return fail(e, rank, status=2)
-    rank, world, device = init_process_group()
-    dims = ParallelDims.from_config(cfg, world, rank, device)
-    trainer = None
+    watchdog = Watchdog.from_config(cfg.parallel, rank, world).start()  # no rank waits forever
+    trainer, locks = None, []
     try:
-        trainer = Trainer(cfg, dims, loaders, curricula)
-        trainer.fit(start)
+        rank, world, device = init_process_group(timeout_s=watchdog.backstop_s)
+        dims = ParallelDims.from_config(cfg, world, rank, device)
+        environment.report(world, rank, cfg.run.dir)
+        watchdog.started()
+        locks = hold_run_dirs(cfg.run.dir, checkpoint_dir(cfg), dims)  # this run owns them until it ends
+        for lock in locks:
+            if lock.note:
+                print(lock.note, flush=True)
+        start = starting_checkpoint(cfg)  # again, under the lock: the newest `latest`
+        trainer = Trainer(cfg, dims, loaders, curricula, watchdog)
+        trainer.fit(start, stop)
         return 0
+    except LockedError as e:
+        return fail(e, rank, status=2)
     except (TrainingAborted, CheckpointError, ConfigError, DataError) as e:
         return fail(e, rank, status=1)
+    except OSError as e:  # e.g. metrics.jsonl on a full disk: say which and what it means
+        reason = describe_os_error(e)
+        if reason is None:
+            raise
+        return fail(RuntimeError(f"{reason}; the last published checkpoint stays `latest`"), rank, status=1)
+    except KeyboardInterrupt:  # a second Ctrl-C: out at once, the last published checkpoint stays
+        return fail(RuntimeError("interrupted: exiting without saving; `latest` names the last complete "
+                                 "checkpoint"), rank, status=130)
+    except RuntimeError as e:  # gloo raises this when a peer's connection closes
+        watchdog.collective_failed(e)  # names the rank that vanished and exits, if one did
+        raise
     finally:
+        watchdog.stop()
         if trainer is not None:
             trainer.close()
+        for lock in reversed(locks):
+            lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -108,6 +138,8 @@ def prepare_data(cfg: Config, rank: int, world: int):
                                  valid_max_batches=cfg.eval.steps, step_of=curricula.batch.step_of)
     if rank == 0:  # per source: documents, tokens, rows, epochs of this run
         print(loaders[0].summary(cfg.train.steps, curricula.batch.consumed_at), flush=True)
+    if cfg.eval.intrinsic:  # refuse missing word flags now, not at the first validation
+        build_dataset(cfg, tokenizer)
     return loaders, curricula
 
 
@@ -115,8 +147,10 @@ def prepare_data(cfg: Config, rank: int, world: int):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, dims: ParallelDims, loaders, curricula: Curricula):
+    def __init__(self, cfg: Config, dims: ParallelDims, loaders, curricula: Curricula, watchdog=None):
         self.cfg, self.dims, self.curricula = cfg, dims, curricula
+        self.watchdog = watchdog or NullWatchdog()  # told of every step, save and validation
+        self.watchdog.mark(0, "building the model")
         self.train_loader, self.valid_loader = loaders
         t = cfg.train
         torch.manual_seed(dims.dropout_seed(t.seed))
@@ -134,11 +168,16 @@ class Trainer:
         self.metrics = MetricsWriter(cfg.run.dir, enabled=self.is_logger)
         self.log = LogWindow()
         self.bar = progress_bar(0, 0, enabled=False)
+        self.stop: StopRequest | None = None  # installed by fit(), restored by close()
         if self.is_logger:
             write_run_config(cfg)
         warning = memory_warning(cfg, dims.world_size) if dims.device.type == "cuda" else None
         if warning:
             self.say(f"warning: {warning}")
+        self.probe = None
+        if cfg.eval.intrinsic and self.valid_loader is not None:
+            tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+            self.probe = MaskedWordProbe(cfg, tokenizer, dims.dp_rank, dims.dp)
         if cfg.eval.interval and self.valid_loader is None:
             self.say("note: eval.interval is set, but data.split and data.valid_paths leave no validation "
                      "documents: validation is skipped")
@@ -151,6 +190,7 @@ class Trainer:
         c = self.cfg.checkpoint
         if start is not None and start.resume:
             loaded = self.checkpointer.load(start.path, self.model, self.optimizer)
+            self.checkpointer.adopt(loaded)  # the same run goes on: its folders are its own to prune
             self._continue_from(loaded.meta)
             if loaded.rank_state is not None:
                 set_rng_state(loaded.rank_state)
@@ -174,17 +214,20 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- loop
 
-    def fit(self, start: Start | None = None):
+    def fit(self, start: Start | None = None, stop: "StopRequest | None" = None):
+        self.watchdog.mark(0, "loading the checkpoint")
         self.restore(start)
         cfg, total = self.cfg, self.cfg.train.steps
         if self.progress.step >= total:
             self.say(f"nothing to do: the checkpoint is at step {self.progress.step} >= train.steps ({total})")
             return
+        self.checkpointer.preflight(checkpoint_bytes(cfg))  # a full or read-only disk: now, not after the steps
         saved_at = self.progress.step
         in_a_row = 0
         self.bar = progress_bar(total, self.progress.step, enabled=self.is_logger)
-        stop = StopRequest(self.dims)
+        stop = self.stop = (stop or StopRequest()).attach(self.dims)
         while self.progress.step < total:
+            self.watchdog.mark(self.progress.step + 1, "training")
             if stop.requested():
                 self.say(f"stop requested by {stop.name}: saving step {self.progress.step} and exiting")
                 break
@@ -201,12 +244,14 @@ class Trainer:
                     f"{out.loss}, grad norm {out.grad_norm}); nothing was updated by them. Lower optim.lr "
                     f"or raise optim.warmup_steps, check the data, or resume from an earlier checkpoint")
             if cfg.eval.interval and (step % cfg.eval.interval == 0 or step == total):
+                self.watchdog.mark(step, "validation")
                 self.evaluate(step)
             if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
                 self.save()
                 saved_at = step
         if saved_at != self.progress.step:
             self.save()
+        self.watchdog.mark(self.progress.step, "finishing the last checkpoint")
         self.checkpointer.wait()
 
     def train_one_step(self) -> StepResult:
@@ -245,16 +290,27 @@ class Trainer:
         if self.valid_loader is None:
             return
         batches = list(self.valid_loader)
+        if not batches:
+            self.say(f"step {step}: the validation set yields no batch of train.micro_batch_size rows: not validated")
+            return
         if self.dims.vpp > 1:  # interleaved pipelining runs micro-batches in groups of pp
             n = -(-len(batches) // self.dims.pp) * self.dims.pp
             batches = list(itertools.islice(itertools.cycle(batches), n))
         out = eval_step(self.model, batches, self.dims)
+        if out.num_tokens == 0:  # a loss of 0/0 is no measurement: log nothing rather than 0.0
+            self.say(f"step {step}: validation found no masked token in {len(batches)} micro-batches: not logged")
+            return
         record = {"step": step, "valid_loss": out.loss, "valid_accuracy": out.accuracy,
                   "valid_tokens": out.num_tokens}
+        if self.probe is not None:
+            record.update(self.probe(self.model, self.dims))
         self.metrics.log(record)
-        self.say(f"step {step}/{self.cfg.train.steps} | valid loss {out.loss:.4f} | accuracy {out.accuracy:.3f}")
+        words = f" | masked words {record['masked_word_accuracy']:.3f}" if "masked_word_accuracy" in record else ""
+        self.say(f"step {step}/{self.cfg.train.steps} | valid loss {out.loss:.4f} | "
+                 f"accuracy {out.accuracy:.3f}{words}")
 
     def save(self):
+        self.watchdog.mark(self.progress.step, "checkpoint save")
         meta = {"step": self.progress.step, "consumed_samples": self.progress.consumed_samples,
                 "skipped_steps": self.progress.skipped_steps}
         self.checkpointer.save(self.progress.step, self.model, self.optimizer, meta=meta, rank_state=get_rng_state())
@@ -267,34 +323,11 @@ class Trainer:
                 tqdm.write(message)
 
     def close(self):
+        if self.stop is not None:
+            self.stop.restore()
         self.bar.close()
         self.train_loader.close()
         self.metrics.close()
-
-
-class StopRequest:
-    """SIGTERM or SIGUSR1 (Slurm's warning before a time limit: `#SBATCH --signal=USR1@120`) asks the
-    run to save and exit between two steps. Ranks may get the signal at different moments, so the
-    decision is an all-reduce: every rank stops after the same step. It runs on a CPU tensor over a
-    gloo group, so the check never waits for the GPU's queue."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self, dims: ParallelDims):
-        self.dims, self.name = dims, None
-        for sig in self.SIGNALS:
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.name = signal.Signals(signum).name
-
-    def requested(self) -> bool:
-        if not self.dims.distributed:
-            return self.name is not None
-        flag = torch.tensor(float(self.name is not None))
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.dims.host_group)
-        self.name = self.name or ("a signal to another rank" if flag.item() else None)
-        return self.name is not None
 
 
 class LogWindow:
@@ -348,7 +381,7 @@ def progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
 def write_run_config(cfg: Config):
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+    write_text(run_dir / "config.yaml", to_yaml(cfg))
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -61,3 +61,31 @@ def test_quickstart_writes_the_loss_curve(quickstart):
     assert png == workdir / "run" / "metrics.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert str(png) in stdout or "run/metrics.png" in stdout
+
+
+def _rows(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.mark.slow
+def test_quickstart_scores_masked_words_and_zero_shot_sts_before_and_after_training(quickstart):
+    import math
+
+    from scipy.stats import spearmanr
+
+    workdir, summary, stdout = quickstart
+    for when in ("before", "after"):
+        rows = _rows(workdir / "eval" / when / "intrinsic")
+        words = [r for r in rows if r["kind"] == "masked_word"]
+        right = sum(r["prediction"] == r["gold"] for r in words) / len(words)
+        assert summary[f"masked_word_accuracy_{when}"] == pytest.approx(right, abs=1e-12)
+        pppl = [r for r in rows if r["kind"] == "pppl"]
+        ll, tokens = sum(r["log_likelihood"] for r in pppl), sum(r["tokens"] for r in pppl)
+        assert summary[f"pppl_{when}"] == pytest.approx(math.exp(-ll / tokens), rel=1e-12)
+        sts = _rows(workdir / "eval" / when / "sts")
+        assert len(sts) == 40
+        rho = spearmanr([r["prediction"] for r in sts], [r["gold"] for r in sts])[0]
+        assert summary[f"sts_spearman_{when}"] == pytest.approx(rho, abs=1e-12)
+    # an untrained model predicts no masked word; 60 steps learn particles and endings (~5-10%)
+    assert summary["masked_word_accuracy_after"] > summary["masked_word_accuracy_before"]
+    assert "masked words" in stdout and "zero-shot STS" in stdout

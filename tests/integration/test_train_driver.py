@@ -7,7 +7,10 @@ losses agree to 1e-5 relative, as in tests/distributed/test_parallel_training.py
 """
 
 import json
+import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 
@@ -67,6 +70,34 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step_and_exits_cleanly(data, 
     stopped = last_step(tmp_path)
     assert 3 <= stopped < 20
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"iter_{stopped:07d}"
+
+
+def test_ctrl_c_saves_a_checkpoint_at_the_current_step_and_exits_cleanly(data, tmp_path):
+    process = train_until_signalled(base_args(data, tmp_path, **{"checkpoint.interval": 0}), tmp_path, after_step=3,
+                                    sig=signal.SIGINT)
+    assert process.returncode == 0, process.stderr.read()[-3000:]
+    stopped = last_step(tmp_path)
+    assert 3 <= stopped < 20
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == f"iter_{stopped:07d}"
+
+
+def test_a_second_run_on_the_same_run_dir_is_refused_before_training_naming_host_and_pid(data, tmp_path):
+    # the lock of a live run (this test process), as training/run_lock.py writes it
+    (tmp_path / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                                "what": "a training run", "started": "now"}))
+    result = train(base_args(data, tmp_path), timeout_s=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"host {socket.gethostname()}, pid {os.getpid()}" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "config.yaml").exists()
+    assert (tmp_path / ".lock").exists()  # not ours to remove
+
+
+def test_a_checkpoint_dir_with_iterations_but_no_latest_is_refused_and_left_alone(data, tmp_path):
+    old = tmp_path / "checkpoints" / "iter_0000005"
+    old.mkdir(parents=True)
+    result = train(base_args(data, tmp_path), timeout_s=120)
+    assert result.returncode == 2 and "no `latest`" in result.stderr and "iter_0000005" in result.stderr
+    assert old.is_dir() and not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_tp2_pp2_run_killed_at_step_13_resumes_with_bitwise_identical_losses(data, tmp_path):

@@ -11,12 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch.distributed.checkpoint.filesystem as dcp_filesystem
-
 from megatron_jp.config import Config
 from megatron_jp.config import preset
 from megatron_jp.parallel import ParallelDims, build_optimizer, build_parallel_model
-from megatron_jp.training import checkpoint
+from megatron_jp.training import checkpoint, ckpt_store, dcp_pieces
 
 SLOW_STEP = 2
 
@@ -28,7 +26,7 @@ def stall(marker: Path):
 
 def slow_down(where: str, marker: Path, step: list[int]):
     if where == "write":
-        write_data = dcp_filesystem.FileSystemWriter.write_data
+        write_data = dcp_pieces.StreamingWriter.write_data
 
         def slow_write_data(self, plan, planner):
             done = write_data(self, plan, planner)
@@ -36,16 +34,16 @@ def slow_down(where: str, marker: Path, step: list[int]):
                 stall(marker)
             return done
 
-        dcp_filesystem.FileSystemWriter.write_data = slow_write_data
+        dcp_pieces.StreamingWriter.write_data = slow_write_data
     else:
-        write_durably = checkpoint._write_durably
+        write_durably = ckpt_store._write_durably
 
         def slow_write_durably(path, text):
             if step[0] == SLOW_STEP and path.name == f".{checkpoint.LATEST}.tmp":
                 stall(marker)
             write_durably(path, text)
 
-        checkpoint._write_durably = slow_write_durably
+        ckpt_store._write_durably = slow_write_durably
 
 
 def main(ckpt_dir: str, marker: str, where: str):

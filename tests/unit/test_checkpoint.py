@@ -217,7 +217,9 @@ def test_a_save_killed_midway_leaves_latest_on_the_previous_checkpoint_which_loa
     cfg = tiny_config()
     assert load_into_fresh(cfg, find_latest(ckpt)).meta == {"step": 1}
     model, optimizer = build(cfg)
-    Checkpointer(ckpt, cfg, ONE).save(2, model, optimizer)  # the next run: stale folders go
+    resumed = Checkpointer(ckpt, cfg, ONE)  # the next run resumes from latest and continues its run
+    resumed.adopt(resumed.load(find_latest(ckpt), model, optimizer))
+    resumed.save(2, model, optimizer)  # stale folders go; the unpublished iter_0000002 is the run's own
     assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000001", "iter_0000002", "latest"]
 
 

@@ -12,7 +12,7 @@ PACKAGE = Path(megatron_jp.__file__).parent
 # package with everything in it, "x" one module (or a package's __init__); an exact name beats a
 # package, a longer package beats a shorter one.
 LAYERS = [
-    {"megatron_jp", "megatron_jp.models", "megatron_jp.models.presets"},  # plain data, no imports
+    {"megatron_jp", "megatron_jp.models", "megatron_jp.models.presets", "megatron_jp.files"},  # stdlib only
     {"megatron_jp.config", "megatron_jp.config_fields"},
     {"megatron_jp.ops.*", "megatron_jp.models.*"},
     {"megatron_jp.data.*"},

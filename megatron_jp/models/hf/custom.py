@@ -38,6 +38,7 @@ def hf_config(cfg: ModelConfig, special: dict) -> dict:
     return {
         "architectures": [ARCHITECTURE], "model_type": MODEL_TYPE,
         "auto_map": {"AutoConfig": f"{MODELING_FILE[:-3]}.MegatronJpConfig",
+                     "AutoModel": f"{MODELING_FILE[:-3]}.MegatronJpModel",
                      "AutoModelForMaskedLM": f"{MODELING_FILE[:-3]}.MegatronJpForMaskedLM"},
         "encoder": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "preset"},
         "pad_token_id": special.get("pad", 0),

@@ -8,7 +8,7 @@ verbatim, so the custom export cannot drift from the model we train.
 import torch
 import torch.nn.functional as F
 from transformers import PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import MaskedLMOutput
+from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
 
 from megatron_jp.config import ModelConfig  # noqa: F401  (the export inlines these)
 from megatron_jp.models.encoder import Encoder
@@ -59,4 +59,24 @@ class MegatronJpForMaskedLM(PreTrainedModel):
         return MaskedLMOutput(loss=loss, logits=logits)
 
 
-__all__ = ["MegatronJpConfig", "MegatronJpForMaskedLM", "torch"]
+class MegatronJpModel(MegatronJpForMaskedLM):
+    """The encoder without its MLM head (AutoModel): the last hidden states, for sentence embeddings
+    (sentence-transformers) and task heads. Loads the same folder; the head's tensors are unused."""
+
+    _keys_to_ignore_on_load_unexpected = [r"encoder\.head\."]
+
+    def __init__(self, config: MegatronJpConfig):
+        super().__init__(config)
+        self.encoder.head = None  # the encoder then returns its final hidden states
+
+    def get_output_embeddings(self):
+        return None
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, **kwargs):
+        segment_ids = attention_mask.long() if attention_mask is not None else None
+        hidden = self.encoder(input_ids, segment_ids=segment_ids, position_ids=position_ids,
+                              token_type_ids=token_type_ids).hidden  # (B, S, H)
+        return BaseModelOutput(last_hidden_state=hidden)
+
+
+__all__ = ["MegatronJpConfig", "MegatronJpForMaskedLM", "MegatronJpModel", "torch"]

@@ -1,0 +1,192 @@
+"""One owner per folder: a run holds `RUN_DIR/.lock` and `CKPT_DIR/.lock` for its whole life, so a
+second run (or a tool writing checkpoints) on the same folders is refused before it writes anything.
+
+The lock is a file created with O_EXCL holding the owner's host, pid and start time; a thread
+refreshes its mtime every HEARTBEAT_S seconds. A lock is stale, and taken over with a note, when
+its owner is on this host and its pid is gone, or when its heartbeat stopped for STALE_S seconds
+(a crashed node: no pid can be checked from here). O_EXCL and rename are atomic on local file
+systems and on NFS v3+/Lustre/GPFS, where flock() is often unavailable or node-local.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.distributed as dist
+
+from megatron_jp.files import remove_quietly
+
+LOCK = ".lock"
+HEARTBEAT_S = 30.0
+STALE_S = 300.0
+
+
+class LockedError(RuntimeError):
+    """The folder belongs to a live run; the message names its host and pid."""
+
+
+@dataclass
+class Holder:
+    host: str
+    pid: int
+    started: str
+    what: str
+
+    @classmethod
+    def read(cls, path: Path) -> "Holder | None":
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            return cls(str(raw["host"]), int(raw["pid"]), str(raw.get("started", "?")), str(raw.get("what", "?")))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError):
+            return cls("?", -1, "?", "?")  # half written, or not ours: judged by its heartbeat alone
+
+    def alive(self, path: Path, stale_s: float) -> bool:
+        try:
+            age = time.time() - path.stat().st_mtime
+        except FileNotFoundError:
+            return False
+        if age > stale_s:
+            return False
+        if self.host == socket.gethostname() and self.pid > 0:
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                return True  # another user's live process
+        return True
+
+
+class DirLock:
+    """An exclusive lock on a folder, held until release(); see the module doc."""
+
+    def __init__(self, folder: str | os.PathLike, what: str, stale_s: float = STALE_S,
+                 heartbeat_s: float = HEARTBEAT_S):
+        self.folder, self.what = Path(folder), what
+        self.path = self.folder / LOCK
+        self.stale_s, self.heartbeat_s = stale_s, heartbeat_s
+        self.note: str | None = None  # set when a stale lock was taken over
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._token = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
+
+    def acquire(self) -> "DirLock":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):  # a racing process may take a stale lock between our look and our try
+            if self._try_create():
+                self._start_heartbeat()
+                return self
+            holder = Holder.read(self.path)
+            if holder is None:
+                continue  # released meanwhile
+            if holder.alive(self.path, self.stale_s):
+                raise LockedError(
+                    f"{self.folder} is in use by {holder.what} on host {holder.host}, pid {holder.pid} (started "
+                    f"{holder.started}): wait for it to finish, or use another folder. If that process is gone "
+                    f"(e.g. its node crashed), the lock is taken over {self.stale_s:.0f} s after its last "
+                    f"heartbeat, or delete {self.path}")
+            self._take_over_stale(holder)
+        raise LockedError(f"{self.path}: could not take the lock (other processes keep racing for it)")
+
+    def _try_create(self) -> bool:
+        record = {"host": socket.gethostname(), "pid": os.getpid(), "what": self.what, "token": self._token,
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, (json.dumps(record) + "\n").encode())
+        except OSError:
+            os.close(fd)
+            remove_quietly(self.path)
+            raise
+        os.close(fd)
+        return True
+
+    def _take_over_stale(self, holder: Holder):
+        # move it aside under a unique name first: of two processes judging it stale, one wins the rename
+        aside = self.folder / f".lock.stale.{os.getpid()}.{time.time_ns()}"
+        try:
+            os.replace(self.path, aside)
+        except FileNotFoundError:
+            return
+        remove_quietly(aside)
+        self.note = (f"note: took over the stale lock of {holder.what} (host {holder.host}, pid {holder.pid}, "
+                     f"started {holder.started}) on {self.folder}: that process is gone")
+
+    def _start_heartbeat(self):
+        def beat():
+            while not self._stop.wait(self.heartbeat_s):
+                try:
+                    os.utime(self.path)
+                except OSError:
+                    pass  # a full or read-only disk: the run itself will report it
+
+        self._thread = threading.Thread(target=beat, name=f"lock-heartbeat {self.folder}", daemon=True)
+        self._thread.start()
+
+    def owned(self) -> bool:
+        try:
+            return json.loads(self.path.read_text(encoding="utf-8")).get("token") == self._token
+        except (OSError, ValueError):
+            return False
+
+    def release(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        if self.owned():
+            remove_quietly(self.path)
+
+    def __enter__(self) -> "DirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def lock_all(folders: list[tuple[str | os.PathLike, str]]) -> list[DirLock]:
+    """Lock each (folder, description) in order (the same folder once); all or none are held."""
+    held: list[DirLock] = []
+    seen = set()
+    try:
+        for folder, what in folders:
+            key = os.path.realpath(folder)
+            if key in seen:
+                continue
+            seen.add(key)
+            held.append(DirLock(folder, what).acquire())
+    except BaseException:
+        for lock in reversed(held):
+            lock.release()
+        raise
+    return held
+
+
+
+def hold_run_dirs(run_dir: str | os.PathLike, ckpt_dir: str | os.PathLike, dims) -> list[DirLock]:
+    """Rank 0 locks run.dir and the checkpoint directory for the run's life; every rank raises the
+    same LockedError if it could not (collective over the world: nobody waits on a rank that left)."""
+    locks, message = [], None
+    if dims.rank == 0:
+        try:
+            locks = lock_all([(run_dir, "a training run"), (ckpt_dir, "a training run")])
+        except (LockedError, OSError) as e:
+            message = str(e)
+    if dims.distributed:
+        box = [message]
+        dist.broadcast_object_list(box, src=0, group=dims.world_group, device=dims.device)
+        message = box[0]
+    if message:
+        raise LockedError(message)
+    return locks

@@ -1,0 +1,59 @@
+"""Fixtures of the cluster tests: the integration helpers (train_runs.py), shards of the bundled corpus,
+and real schedulers on this host: SLURM (slurm_cluster.py) and Grid Engine (gridengine_cluster.py)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))  # train_runs.py
+
+from train_runs import ROOT, make_shards  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> str:
+    return make_shards(tmp_path_factory.mktemp("shards"))
+
+
+def running(cluster, packages: str, name: str):
+    """Install `packages` (tools/install_test_schedulers.sh) if absent, start `cluster`, yield it, stop it.
+
+    Skipped, with the reason, where the scheduler cannot be installed (not root, no apt, offline);
+    one that is installed but does not start is an error. Every job is cancelled and every daemon
+    stopped at the end, whatever happened.
+    """
+    from slurm_cluster import SchedulerUnavailable
+
+    install = subprocess.run(["bash", str(ROOT / "tools" / "install_test_schedulers.sh"), packages],
+                             capture_output=True, text=True, timeout=900)
+    if install.returncode != 0:
+        pytest.skip(f"{name} not available: {install.stderr.strip()[-500:]}")
+    try:
+        cluster.start()
+    except SchedulerUnavailable as e:
+        cluster.stop()
+        if "not installed" in str(e) or "as root" in str(e):
+            pytest.skip(f"{name} not available: {e}")
+        pytest.fail(f"{name} did not start: {e}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """munged + slurmctld + slurmd on this host, the host as the one node."""
+    from slurm_cluster import SlurmCluster
+
+    yield from running(SlurmCluster(tmp_path_factory.mktemp("slurm")), "slurm", "SLURM")
+
+
+@pytest.fixture(scope="session")
+def gridengine(tmp_path_factory):
+    """sge_qmaster + sge_execd on this host, the host as the one execution host."""
+    from gridengine_cluster import GridEngineCluster
+
+    yield from running(GridEngineCluster(tmp_path_factory.mktemp("sge")), "gridengine", "Grid Engine")

@@ -1,0 +1,88 @@
+#!/bin/bash
+# Pretrain on TSUBAME 4.0 (Altair Grid Engine): one torchrun per node, 4 H100 SXM5 (94 GB) per node_f.
+#   qsub -g GROUP -l node_f=4 -l h_rt=24:00:00 tsubame/pretrain.sh examples/tohoku-bert-500m.yaml [--section.key VALUE ...]
+# Without -g GROUP a job is a 10-minute trial. Options on the qsub line override the #$ lines below;
+# h_rt is HH:MM:SS. The hosts come from $PE_HOSTFILE; the first one hosts the rendezvous.
+#   LAUNCHER=mpirun (default: OpenMPI, `module load openmpi` first) or qrsh (qrsh -inherit per host)
+#   GPUS_PER_NODE=4 processes per node (CPU processes for a test); DRY_RUN=1 prints the commands only.
+#$ -cwd
+#$ -N megatron_jp
+#$ -l node_f=2
+#$ -l h_rt=01:00:00
+#$ -j y
+#$ -o logs/
+set -euo pipefail
+# Your environment: modules and the virtual environment (qsub -V passes the submitting shell's instead).
+# module load cuda/12.4   # e.g.
+[ -f .venv/bin/activate ] && [ -z "${VIRTUAL_ENV:-}" ] && . .venv/bin/activate
+
+CONFIG=${1:?usage: qsub -g GROUP tsubame/pretrain.sh CONFIG.yaml [overrides...]}
+shift
+GPUS_PER_NODE=${GPUS_PER_NODE:-4}
+: "${PE_HOSTFILE:?not under Grid Engine: PE_HOSTFILE is not set (submit with qsub -l node_f=N)}"
+
+# $PE_HOSTFILE: one line per host, "hostname slots queue processors"; a host may appear twice.
+mapfile -t HOSTS < <(awk 'NF && !seen[$1]++ {print $1}' "$PE_HOSTFILE")
+NNODES=${#HOSTS[@]}
+[ "$NNODES" -ge 1 ] || { echo "error: $PE_HOSTFILE lists no host" >&2; exit 2; }
+MASTER_ADDR=${HOSTS[0]}
+MASTER_PORT=${MASTER_PORT:-$((29500 + ${JOB_ID:-0} % 2000))}   # two jobs on one node do not collide
+export MASTER_ADDR MASTER_PORT
+
+# Node-local scratch ($TMPDIR, per job and node) for the data index cache where this megatron_jp has
+# data.cache_dir: home and group disks are shared file systems, slow for many small reads. Compiled
+# kernels stay in RUN_DIR/compile_cache (train.compile_cache_dir), so a chained job does not compile again.
+SCRATCH=${TMPDIR:-${TMP:-/tmp}}/megatron_jp
+EXTRA=()
+if python -m megatron_jp.train --help-config 2>/dev/null | grep -q "^  cache_dir:"; then
+  EXTRA=(--data.cache_dir "$SCRATCH/index_cache")
+fi
+
+# gloo takes an interface name (default: the one holding the first host's address), NCCL exclusions.
+MASTER_IP=$(getent ahostsv4 "$MASTER_ADDR" | awk 'NR == 1 {print $1}' || true)
+GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-${SOCKET_IFNAME:-$(ip -o -4 addr show 2>/dev/null |
+  awk -v ip="$MASTER_IP" '{split($4, a, "/")} a[1] == ip {print $2; exit}' || true)}}
+[ -n "$GLOO_SOCKET_IFNAME" ] && export GLOO_SOCKET_IFNAME
+export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-${SOCKET_IFNAME:-^lo,docker}}
+export NCCL_IB_DISABLE=${NCCL_IB_DISABLE:-0}
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
+# no CUDA_DEVICE_MAX_CONNECTIONS=1: it helps only tensor-parallel comm overlap (none here) and
+# serialises the data-parallel gradient sums with compute
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+export HF_HUB_OFFLINE=1
+
+TRAIN=(torchrun --nnodes="$NNODES" --nproc-per-node="$GPUS_PER_NODE"
+       --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="${JOB_ID:-megatron_jp}"
+       -m megatron_jp.train --config "$CONFIG" "${EXTRA[@]}" "$@")
+# what the remote torchruns need of this environment (mpirun and qrsh start them afresh)
+PASS=(PATH LD_LIBRARY_PATH PYTHONPATH VIRTUAL_ENV MASTER_ADDR MASTER_PORT OMP_NUM_THREADS HF_HUB_OFFLINE
+      TORCH_NCCL_ASYNC_ERROR_HANDLING
+      $(compgen -e | grep -E '^(NCCL|GLOO|UCX)_' || true))
+
+echo "rendezvous: $MASTER_ADDR:$MASTER_PORT, $NNODES node(s) (${HOSTS[*]}) of job ${JOB_ID:-?}," \
+  "gloo on ${GLOO_SOCKET_IFNAME:-(default)}"
+mkdir -p logs "$SCRATCH"
+case ${LAUNCHER:-mpirun} in
+  mpirun)
+    HOSTFILE=$SCRATCH/hostfile
+    printf '%s slots=1\n' "${HOSTS[@]}" > "$HOSTFILE"
+    COMMAND=(mpirun -n "$NNODES" -npernode 1 -hostfile "$HOSTFILE" --bind-to none)
+    for name in "${PASS[@]}"; do [ -n "${!name+x}" ] && COMMAND+=(-x "$name"); done
+    COMMAND+=("${TRAIN[@]}")
+    if [ -n "${DRY_RUN:-}" ]; then printf '%q ' "${COMMAND[@]}"; echo; exit 0; fi
+    exec "${COMMAND[@]}" ;;
+  qrsh)   # Grid Engine's own remote start; the PE must allow it (control_slaves TRUE)
+    ENVIRONMENT=(env)
+    for name in "${PASS[@]}"; do [ -n "${!name+x}" ] && ENVIRONMENT+=("$name=${!name}"); done
+    # qrsh joins its arguments into one line for a shell on the host: hand it one quoted line
+    REMOTE="cd $(printf '%q' "$PWD") && exec $(printf '%q ' "${ENVIRONMENT[@]}" "${TRAIN[@]}")"
+    pids=()
+    for host in "${HOSTS[@]}"; do
+      if [ -n "${DRY_RUN:-}" ]; then echo "qrsh -inherit -nostdin $host $REMOTE"; continue; fi
+      qrsh -inherit -nostdin "$host" "$REMOTE" & pids+=($!)
+    done
+    status=0
+    for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+    exit $status ;;
+  *) echo "error: LAUNCHER=${LAUNCHER} (choose mpirun or qrsh)" >&2; exit 2 ;;
+esac

@@ -142,7 +142,7 @@ def test_merge_refuses_shards_of_different_tokenizers_unless_allowed(tmp_path, t
     edit_sidecar(str(tmp_path / "p1_text_document"), sha256="cd" * 32)
     inputs = [str(tmp_path / "p0_text_document"), str(tmp_path / "p1_text_document")]
     merge = tool("merge_datasets")
-    assert merge(["--input", *inputs, "--output-prefix", str(tmp_path / "m")]) == 1
+    assert merge(["--input", *inputs, "--output-prefix", str(tmp_path / "m")]) == 2
     assert not os.path.exists(tmp_path / "m.idx")
     assert merge(["--input", *inputs, "--output-prefix", str(tmp_path / "m"), "--allow-tokenizer-mismatch"]) == 0
     assert provenance.read_sidecar(str(tmp_path / "m"))["documents"] == 10

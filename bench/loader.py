@@ -81,7 +81,7 @@ def main() -> None:
     rows = args.batches * mbs
     helper = "C++ _helpers" if packing._helpers is not None else "Python fallback"
     print(f"corpus: {args.docs:,} docs, {n_tokens:,} tokens; packing {args.packing} ({helper}): "
-          f"{index.num_rows:,} rows of {args.seq_length}, padding {100 * index.padding_fraction():.2f}%, "
+          f"{index.num_rows:,} rows of {args.seq_length}, padding {100 * index.summary['padding']:.2f}%, "
           f"index built in {t_index:.2f} s ({n_tokens / t_index / 1e6:.1f} M tokens/s)")
     print(f"sample construction + {'whole word ' if cfg.whole_word_masking else ''}masking: {rows:,} rows in "
           f"{dt:.2f} s = {rows / dt:,.0f} rows/s = {rows * args.seq_length / dt / 1e6:.2f} M tokens/s (one process)")

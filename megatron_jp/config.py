@@ -175,6 +175,15 @@ class DataConfig:
     """Mask-rate curriculum "STEP:RATE,...", e.g. "0:0.5,200000:0.3" (byBERT). Empty: mask_prob."""
     num_workers: NonNegative = 1
     """DataLoader worker processes per rank."""
+    cache_dir: str = ""
+    """Folder of the sample indices (packed rows, blend table), built once and memory-mapped by every
+    rank (tools/build_index.py builds them ahead). Empty: index-cache/ next to the first shard of
+    paths; set it when that folder is read-only."""
+    ignore_tokenizer_mismatch: bool = False
+    """Train on shards whose provenance sidecar names another tokenizer than tokenizer_type /
+    tokenizer_model (experts only: the ids must mean the same)."""
+    keep_empty_documents: bool = False
+    """Zero-token documents become [CLS][SEP] pieces instead of being dropped (counted either way)."""
 
 
 @dataclass
@@ -499,6 +508,8 @@ def validate_training(cfg: Config):
     d, t, o, m = cfg.data, cfg.train, cfg.optim, cfg.model
     _check(d.mask_token_prob + d.random_token_prob <= 1.0,
            "data.mask_token_prob + data.random_token_prob must lie in [0, 1] (80/10/10 is 0.8 and 0.1)")
+    _check(not (d.cache_dir and Path(d.cache_dir).is_file()),
+           f"data.cache_dir ({d.cache_dir}) is a file; name a folder")
     for length in d.seq_length_stages.values():
         _check(isinstance(length, int) and length >= 8,
                f"data.seq_length_stages: length {length} must be an integer >= 8")

@@ -1,10 +1,14 @@
-"""Merge Megatron indexed shards into one (word-flag shards too, when every input has one).
+"""Merge Megatron indexed shards into one (word-flag shards and provenance sidecars too).
 
     python tools/merge_datasets.py --input data/part0_text_document data/part1_text_document \
         --output-prefix data/all_text_document
     python tools/merge_datasets.py --input data/parts/ --output-prefix data/all_text_document
 
 --input takes shard prefixes or folders (every *.idx inside, sorted by name, word shards excluded).
+Documents keep their order, so the slices of `preprocess_data.py --slice I/N` merged in slice order
+give the bytes of one run over all files. Sidecars (`{prefix}.json`) must agree on the tokenizer
+(--allow-tokenizer-mismatch overrides); the merged one sums the counts and lists differing word
+boundaries, keys or EOD settings.
 """
 
 import argparse
@@ -14,7 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_jp.data import indexed  # noqa: E402
+from megatron_jp.data import indexed, provenance  # noqa: E402
 
 
 def input_prefixes(items: list[str]) -> list[str]:
@@ -28,25 +32,53 @@ def input_prefixes(items: list[str]) -> list[str]:
     return prefixes
 
 
+def merged_sidecar(prefixes: list[str], allow_mismatch: bool):
+    """(merged record or None, warning or None); refuses inputs made with other tokenizers."""
+    records = [provenance.read_sidecar(p) for p in prefixes]
+    missing = [p for p, r in zip(prefixes, records) if r is None]
+    if missing:
+        return None, (f"{len(missing)} of {len(prefixes)} inputs have no provenance sidecar (first: {missing[0]}); "
+                      "the merged shard gets none")
+    return provenance.merge_records(prefixes, records, allow_mismatch), None
+
+
+def merge(prefixes: list[str], out: str, allow_mismatch: bool = False) -> tuple[indexed.IndexedDataset, list[str]]:
+    """Merge token shards, word shards (when every input has one) and sidecars; return (shard, warnings)."""
+    record, warning = merged_sidecar(prefixes, allow_mismatch)  # refuse before writing anything
+    warnings = [warning] if warning else []
+    with_words = [indexed.exists(indexed.words_prefix(q)) for q in prefixes]
+    if os.path.exists(provenance.sidecar_path(out)):
+        os.unlink(provenance.sidecar_path(out))  # never leave an old sidecar next to new shards
+    merged = indexed.merge(prefixes, out)
+    if all(with_words):
+        words = indexed.merge([indexed.words_prefix(q) for q in prefixes], indexed.words_prefix(out))
+        merged.check_words(words)
+    elif any(with_words):
+        warnings.append("only some inputs have word-flag shards; merged tokens only")
+    if record is not None:
+        record["word_boundaries"] = record["word_boundaries"] if all(with_words) else "none"
+        tag = f".tmp{os.getpid()}"
+        os.replace(provenance.write_sidecar(out, record, tag), provenance.sidecar_path(out))
+    return merged, warnings
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     p.add_argument("--input", nargs="+", required=True, help="shard prefixes or folders of shards")
     p.add_argument("--output-prefix", required=True)
+    p.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                   help="merge shards whose sidecars name different tokenizers (experts: the ids must agree)")
     args = p.parse_args(argv)
     prefixes = input_prefixes(args.input)
     try:
-        merged = indexed.merge(prefixes, args.output_prefix)
-        with_words = [indexed.exists(indexed.words_prefix(q)) for q in prefixes]
-        if all(with_words):
-            words = indexed.merge([indexed.words_prefix(q) for q in prefixes], indexed.words_prefix(args.output_prefix))
-            merged.check_words(words)
-        elif any(with_words):
-            print("warning: only some inputs have word-flag shards; merged tokens only", file=sys.stderr)
+        merged, warnings = merge(prefixes, args.output_prefix, args.allow_tokenizer_mismatch)
     except (indexed.ShardFormatError, ValueError, OSError) as err:  # bad input: one line, status 2
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"merged {len(prefixes)} shards: {len(merged):,} documents, {len(merged.tokens):,} tokens "
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"merged {len(prefixes)} shards: {len(merged):,} documents, {merged.n_tokens:,} tokens "
           f"-> {args.output_prefix}.bin/.idx")
     return 0
 

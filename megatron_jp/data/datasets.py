@@ -1,18 +1,20 @@
 """Blended, split, packed MLM datasets: global sample index -> (B, S) batch following the batch contract.
 
 * Blend: `"w1 prefix1 w2 prefix2 ..."` or one prefix (Megatron style). Sample i of the blend is
-  mapped to (dataset, k) by a fixed interleaving with period BLEND_PERIOD: each period holds
-  round(w_d * period) samples of dataset d, spread evenly (the k-th at time (k + 1/2) / n_d), so
-  the mapping is O(1), deterministic and needs no table over the whole run.
+  mapped to (dataset, k) by a fixed interleaving with a period P (BLEND_PERIOD, doubled up to
+  MAX_BLEND_PERIOD until every weight gets >= MIN_SLOTS slots, so blends of hundreds of shards keep
+  their weights within ~1%): each period holds round(w_d * P) samples of dataset d, spread evenly
+  (the k-th at time (k + 1/2) / n_d), so the mapping is O(1) and deterministic. A table of P
+  entries; above BLEND_PERIOD it lives in the index cache, memory-mapped.
 * Split: the documents of each prefix are split in order by the `split` weights ("98,2"): the
   first part trains, the next validates (a third value, Megatron's test part, is left out).
-* Packing: the documents of a part are shuffled once (seeded) and packed into rows
-  (megatron_jp.data.packing) for a given seq_length; sample k of a dataset is row
-  perm_e[k mod rows] with a fresh seeded permutation per epoch e = k // rows. Indices are built
-  lazily per seq_length and cached, so a curriculum can change seq_length between batches.
+* Packing, epochs: megatron_jp.data.sources (rows built once in the index cache, a seeded bijection
+  per epoch). Indices are built per seq_length on first use, so a curriculum can change seq_length
+  between batches.
 * Batch: rows are laid out as [CLS] piece [SEP] [CLS] piece [SEP] ... [PAD]..., with
   `segment_ids` 1..n per piece (0 on padding), `position_ids` restarting at 0 per piece, and MLM
-  masks from megatron_jp.data.masking keyed by (seed, split stream, global sample index).
+  masks from megatron_jp.data.masking keyed by (seed, split stream, global sample index). A token
+  id outside the tokenizer's vocabulary is refused here, naming the shard and document.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ import torch
 
 from megatron_jp.data import indexed
 from megatron_jp.data.masking import Masker, row_randoms
-from megatron_jp.data.packing import PACKING_METHODS, build_packed_index
+from megatron_jp.data.sources import DataError, PackedSource
 
 BLEND_PERIOD = 1 << 16
+MAX_BLEND_PERIOD = 1 << 22
+MIN_SLOTS = 64  # slots per period of the lightest dataset: its realised weight is within 1/128 of its own
 TRAIN, VALID = 0, 1
 
 
@@ -67,90 +71,76 @@ def split_bounds(n_docs: int, split: str) -> tuple[tuple[int, int], tuple[int, i
     return (0, train_end), (train_end, valid_end)
 
 
+def blend_period(weights) -> int:
+    """BLEND_PERIOD, doubled (up to MAX_BLEND_PERIOD) until the lightest weight gets MIN_SLOTS slots."""
+    w = np.asarray(weights, dtype=np.float64)
+    lightest = w[w > 0].min() if (w > 0).any() else 1.0
+    period = BLEND_PERIOD
+    while period < MAX_BLEND_PERIOD and lightest * period < MIN_SLOTS:
+        period *= 2
+    return period
+
+
+def blend_counts(weights, period: int) -> np.ndarray:
+    """Slots per period of each dataset: largest remainders fill the period; weight > 0 gets >= 1."""
+    w = np.asarray(weights, dtype=np.float64)
+    counts = np.floor(w * period).astype(np.int64)
+    counts[np.argsort(-(w * period - counts), kind="stable")[:period - counts.sum()]] += 1
+    return np.where(w > 0, np.maximum(counts, 1), 0)
+
+
+def blend_table(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(dataset, rank within the dataset) of each slot of a period, the k-th of d at (k + 1/2) / n_d."""
+    dataset = np.repeat(np.arange(len(counts)), counts)
+    rank = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    order = np.lexsort((dataset, (rank + 0.5) / counts[dataset]))
+    return dataset[order], rank[order]
+
+
 class BlendIndex:
     """O(1) deterministic map from a blend sample index to (dataset, sample index in the dataset)."""
 
-    def __init__(self, weights, period: int = BLEND_PERIOD):
-        w = np.asarray(weights, dtype=np.float64)
-        counts = np.floor(w * period).astype(np.int64)
-        # Largest remainders fill the period; a dataset with weight > 0 gets at least one slot.
-        counts[np.argsort(-(w * period - counts), kind="stable")[:period - counts.sum()]] += 1
-        counts = np.where(w > 0, np.maximum(counts, 1), 0)
-        self.counts, self.period = counts, int(counts.sum())
-        dataset = np.repeat(np.arange(len(w)), counts)
-        rank = np.arange(self.period) - np.repeat(np.cumsum(counts) - counts, counts)
-        order = np.lexsort((dataset, (rank + 0.5) / counts[dataset]))
-        self.dataset, self.rank = dataset[order], rank[order]
+    def __init__(self, weights, period: int | None = None, cache=None):
+        period = period or blend_period(weights)
+        self.counts = blend_counts(weights, period)
+        self.period = int(self.counts.sum())
+        if cache is None or self.period <= BLEND_PERIOD:
+            self.dataset, self.rank = blend_table(self.counts)
+            return
+
+        def build(writer):
+            dataset, rank = blend_table(self.counts)
+            writer.array("dataset", np.int32).append(dataset)
+            writer.array("rank", np.int64).append(rank)
+            return {"period": self.period}
+
+        entry = cache.get_or_build("blend", {"counts": self.counts.tolist(), "version": 1}, build)
+        self.dataset, self.rank = entry.arrays["dataset"], entry.arrays["rank"]
+
+    @property
+    def realized_weights(self) -> np.ndarray:
+        return self.counts / self.period
 
     def __call__(self, indices) -> tuple[np.ndarray, np.ndarray]:
         indices = np.asarray(indices, dtype=np.int64)
         cycle, pos = np.divmod(indices, self.period)
-        d = self.dataset[pos]
-        return d, cycle * self.counts[d] + self.rank[pos]
-
-
-class PackedSource:
-    """The documents [lo, hi) of one shard, shuffled once and packed into rows per seq_length."""
-
-    def __init__(self, prefix: str, doc_range: tuple[int, int], packing: str, seed: int, stream: int,
-                 whole_word: bool):
-        if packing not in PACKING_METHODS:
-            raise ValueError(f"data.packing {packing!r}: choose one of {', '.join(PACKING_METHODS)}")
-        self.prefix, self.packing, self.seed, self.stream = prefix, packing, seed, stream
-        self.tokens = indexed.IndexedDataset(prefix)
-        self.words = indexed.open_words(prefix, self.tokens) if whole_word else None
-        lo, hi = doc_range
-        order = _generator(seed, stream, 0xD0C).permutation(hi - lo) + lo
-        self.docs = order[self.tokens.doc_lengths[order] > 0]
-        self._indices: dict = {}
-        self._perm: dict = {}
-
-    def __len__(self) -> int:
-        return len(self.docs)
-
-    def index(self, seq_length: int):
-        if seq_length not in self._indices:
-            self._indices[seq_length] = build_packed_index(self.packing, self.docs,
-                                                           self.tokens.doc_lengths[self.docs], seq_length)
-        return self._indices[seq_length]
-
-    def rows_for(self, samples: np.ndarray, seq_length: int) -> np.ndarray:
-        """Row of each dataset sample k: a seeded permutation of all rows per epoch."""
-        n_rows = self.index(seq_length).num_rows
-        epochs, pos = np.divmod(samples, n_rows)
-        rows = np.empty_like(samples)
-        for e in np.unique(epochs):
-            rows[epochs == e] = self._permutation(seq_length, int(e), n_rows)[pos[epochs == e]]
-        return rows
-
-    def _permutation(self, seq_length: int, epoch: int, n_rows: int) -> np.ndarray:
-        key = (seq_length, epoch)
-        if key not in self._perm:
-            if len(self._perm) >= 4:  # a batch spans at most two epochs; keep memory flat
-                self._perm.pop(next(iter(self._perm)))
-            self._perm[key] = _generator(self.seed, self.stream, 0xE0C0 + epoch).permutation(n_rows)
-        return self._perm[key]
-
-    def __getstate__(self):
-        # Rebuilt lazily in each DataLoader worker only when not inherited by fork.
-        return {k: v for k, v in self.__dict__.items() if k != "_perm"}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._perm = {}
-
-
-def _generator(seed: int, stream: int, purpose: int) -> np.random.Generator:
-    return np.random.Generator(np.random.Philox(key=np.array([seed, (stream << 32) | purpose], dtype=np.uint64)))
+        d = np.asarray(self.dataset[pos], dtype=np.int64)
+        return d, cycle * self.counts[d] + np.asarray(self.rank[pos], dtype=np.int64)
 
 
 class MLMDataset:
     """Builds contract batches (dicts of (B, S) int64 tensors) for global sample indices of a blend."""
 
-    def __init__(self, sources: list[PackedSource], weights, tokenizer, masker: Masker, seed: int, stream: int):
-        self.sources, self.blend, self.masker = sources, BlendIndex(weights), masker
+    def __init__(self, sources: list[PackedSource], weights, tokenizer, masker: Masker, seed: int, stream: int,
+                 cache=None):
+        self.sources, self.blend, self.masker = sources, BlendIndex(weights, cache=cache), masker
+        self.cache = cache
+        self.weights = np.asarray(weights, dtype=np.float64)
         self.seed, self.stream = seed, stream
         self.cls_id, self.sep_id, self.pad_id = tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id
+        self.vocab_size = int(tokenizer.vocab_size)
+        self.notes: list[str] = []  # what the start-up summary should say (e.g. a tokenizer mismatch allowed)
+        self.unchecked: list[str] = []  # shards without a provenance sidecar
 
     def num_rows(self, seq_length: int) -> int:
         return sum(s.index(seq_length).num_rows for s in self.sources)
@@ -184,7 +174,7 @@ class MLMDataset:
         ids, words, seg, pos = out
         index = src.index(S)
         pieces, row_of_piece = index.rows(src.rows_for(samples, S))
-        length = index.length[pieces]
+        offset, length = index.pieces(pieces)
         span = length + 2
         end_in_row = _segmented_cumsum(span, row_of_piece)
         base = batch_rows[row_of_piece] * S + end_in_row - span  # [CLS] slot of each piece
@@ -194,11 +184,25 @@ class MLMDataset:
         pos[slots] = slots - np.repeat(base, span)
         ids[base], ids[base + span - 1] = self.cls_id, self.sep_id
         dst = _ranges(base + 1, length)
-        src_pos = _ranges(src.tokens.doc_offsets[index.doc[pieces]] + index.start[pieces], length)
-        ids[dst] = src.tokens.tokens[src_pos]
+        src_pos = _ranges(offset, length)
+        values = src.tokens.tokens[src_pos]
+        self._check_ids(src, values, src_pos)
+        ids[dst] = values
         if words is not None:
             words[dst] = src.words.tokens[src_pos] != 0
             words[base + 1] = True  # a piece may start inside a word: it still starts a unit
+
+    def _check_ids(self, src: PackedSource, values: np.ndarray, src_pos: np.ndarray) -> None:
+        """Refuse ids the model cannot embed (a shard made with another tokenizer), naming the document."""
+        if not values.size:
+            return
+        bad = (values >= self.vocab_size) | (values < 0) if values.dtype.kind == "i" else values >= self.vocab_size
+        if bad.any():
+            first = int(np.argmax(bad))
+            doc = int(src.tokens.document_at([src_pos[first]])[0])
+            raise DataError(f"{indexed.bin_path(src.prefix)}: document {doc} holds token id {int(values[first])}, "
+                            f"outside the tokenizer's vocabulary of {self.vocab_size}: the shard was made with "
+                            "another tokenizer than data.tokenizer_model; re-run tools/preprocess_data.py with it")
 
 
 def _segmented_cumsum(values: np.ndarray, groups: np.ndarray) -> np.ndarray:

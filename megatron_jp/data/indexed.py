@@ -72,11 +72,14 @@ def read_header(path: str) -> tuple[np.dtype, int, int]:
 
 
 class IndexedDataset:
-    """Read-only view of a shard: `len()` documents, `get(i)` tokens, `doc_lengths`, flat `tokens`.
+    """Read-only view of a shard: `len()` documents, `get(i)` tokens, `doc_spans`, flat `tokens`.
 
     A document is the run of sequences between two document indices (one sequence per document in
-    shards from our preprocess_data; several with Megatron's --split-sentences). Pickles by path,
-    so DataLoader workers reopen the mmap instead of copying it.
+    shards from our preprocess_data; several with Megatron's --split-sentences). Opening a shard
+    reads its header only: per-document arrays are never materialised, so memory does not grow
+    with the corpus (`doc_lengths`/`doc_offsets` exist for small shards and tests; they build
+    O(N) arrays on first use). Pickles by path, so DataLoader workers reopen the mmap instead of
+    copying it.
     """
 
     def __init__(self, prefix: str, expect_dtype=None):
@@ -101,6 +104,7 @@ class IndexedDataset:
         off = HEADER_SIZE + 4 * n_seq
         self.sequence_pointers = buf[off:off + 8 * n_seq].view(np.int64)
         self.document_indices = buf[off + 8 * n_seq:].view(np.int64)
+        self._doc_index_offset = off + 8 * n_seq  # byte offset of document_indices in the .idx
         if n_doc < 1 or self.document_indices[0] != 0 or self.document_indices[-1] != n_seq:
             raise ShardFormatError(f"{path}: document indices must run from 0 to the sequence count {n_seq}")
 
@@ -114,18 +118,74 @@ class IndexedDataset:
             raise ShardFormatError(f"{path}: {size} bytes, the index {idx_path(self.prefix)} describes {end} "
                                    "(truncated .bin, or .bin and .idx from different runs)")
         self.tokens = np.memmap(path, dtype=self.dtype, mode="r") if size else np.zeros(0, self.dtype)
-        first = self.document_indices[:-1]
-        self.doc_offsets = (self.sequence_pointers[first] // item) if n_seq else np.zeros(0, np.int64)
-        # Documents are contiguous runs of sequences: length = end of last sequence - start of first.
-        bounds = np.append(self.doc_offsets, end // item)
-        self.doc_lengths = np.diff(bounds).astype(np.int64)
+        self.n_tokens = end // item
+        self._lazy: dict = {}
 
     def __len__(self) -> int:
         return len(self.document_indices) - 1
 
+    def doc_spans(self, docs) -> tuple[np.ndarray, np.ndarray]:
+        """(first token, token count) of each document in `docs`, read through the mmap (touches only
+        the index pages of those documents)."""
+        docs = np.asarray(docs, dtype=np.int64)
+        first, stop = self.document_indices[docs], self.document_indices[docs + 1]
+        n_seq = len(self.sequence_lengths)
+        item = self.dtype.itemsize
+        safe_first = np.minimum(first, max(n_seq - 1, 0))
+        start = np.where(first < n_seq, self.sequence_pointers[safe_first] // item if n_seq else 0, self.n_tokens)
+        last = np.maximum(stop - 1, 0)
+        end = (self.sequence_pointers[last] // item + self.sequence_lengths[last]) if n_seq else np.zeros_like(docs)
+        lengths = np.where(stop > first, end - start, 0)
+        return start.astype(np.int64), lengths.astype(np.int64)
+
+    def read_doc_spans(self, first: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """(first token, token count) of documents [first, stop) with file reads, not the mmap: a pass
+        over a huge index (building the sample index) leaves nothing resident in this process.
+        Sequences must be contiguous in the .bin (Megatron's layout); a spot check refuses others."""
+        path = idx_path(self.prefix)
+        n_seq, item = len(self.sequence_lengths), self.dtype.itemsize
+        di = np.fromfile(path, dtype=np.int64, count=stop - first + 1, offset=self._doc_index_offset + 8 * first)
+        s0, s1 = int(di[0]), int(di[-1])
+        lengths = np.fromfile(path, dtype=np.int32, count=s1 - s0, offset=HEADER_SIZE + 4 * s0)
+        cum = np.zeros(s1 - s0 + 1, dtype=np.int64)
+        np.cumsum(lengths, out=cum[1:])
+        # pointers by file reads too: one touch of the mmap maps ~0.5 MB around it (fault-around)
+        base = self._pointer(s0) // item if s0 < n_seq else self.n_tokens
+        if s1 > s0 and self._pointer(s1 - 1) != (base + int(cum[-2])) * item:
+            raise ShardFormatError(f"{path}: sequences {s0}..{s1 - 1} are not contiguous in "
+                                   f"{bin_path(self.prefix)}; rewrite the shard with tools/merge_datasets.py")
+        rel = di - s0
+        return base + cum[rel[:-1]], cum[rel[1:]] - cum[rel[:-1]]
+
+    def _pointer(self, seq: int) -> int:
+        offset = HEADER_SIZE + 4 * len(self.sequence_lengths) + 8 * seq
+        return int(np.fromfile(idx_path(self.prefix), dtype=np.int64, count=1, offset=offset)[0])
+
+    def document_at(self, token_offsets) -> np.ndarray:
+        """Index of the document holding each token offset (binary search in the index)."""
+        pos = np.asarray(token_offsets, dtype=np.int64) * self.dtype.itemsize
+        seq = np.searchsorted(self.sequence_pointers, pos, side="right") - 1
+        return np.searchsorted(self.document_indices, seq, side="right") - 1
+
+    @property
+    def doc_offsets(self) -> np.ndarray:
+        """First token of every document (an O(N) array: for small shards and tests)."""
+        return self._all_spans()[0]
+
+    @property
+    def doc_lengths(self) -> np.ndarray:
+        """Token count of every document (an O(N) array: for small shards and tests)."""
+        return self._all_spans()[1]
+
+    def _all_spans(self):
+        if "spans" not in self._lazy:
+            self._lazy["spans"] = self.read_doc_spans(0, len(self))
+        return self._lazy["spans"]
+
     def get(self, doc: int, offset: int = 0, length: int | None = None) -> np.ndarray:
-        start = int(self.doc_offsets[doc]) + offset
-        stop = int(self.doc_offsets[doc] + self.doc_lengths[doc]) if length is None else start + length
+        first, total = (int(v[0]) for v in self.doc_spans([doc]))
+        start = first + offset
+        stop = first + total if length is None else start + length
         return np.asarray(self.tokens[start:stop])
 
     def __getitem__(self, doc: int) -> np.ndarray:
@@ -266,10 +326,9 @@ def merge(prefixes: list[str], out_prefix: str) -> IndexedDataset:
     try:
         for src in sources:
             for first in range(0, len(src), _CHUNK):
-                docs = slice(first, min(first + _CHUNK, len(src)))
-                lo = int(src.doc_offsets[docs.start]) if len(src) else 0
-                hi = lo + int(src.doc_lengths[docs].sum())
-                writer.add_documents(src.tokens[lo:hi], src.doc_lengths[docs])
+                offsets, lengths = src.read_doc_spans(first, min(first + _CHUNK, len(src)))
+                lo = int(offsets[0]) if len(offsets) else 0
+                writer.add_documents(src.tokens[lo:lo + int(lengths.sum())], lengths)
         writer.commit()
     except BaseException:
         writer.abort()

@@ -17,19 +17,27 @@ workers, stamps each batch with its values, so prefetched batches are always rig
 is a pure function of (seed, sample indices, seq_length, mask_prob), hence reproducible and
 resumable. `set_mask_prob(p)` / `set_seq_length(s)` (a value or a schedule) may also be called
 from the training loop: prefetched batches that no longer match are dropped. A new seq_length
-builds that length's packed index (cached; a schedule with `values()` has all of its lengths
-built before the workers start).
+builds that length's packed index (a schedule with `values()` has all of its lengths built before
+the workers start).
+
+Indices live in the index cache (`data.cache_dir`, default `index-cache/` next to the first shard
+of data.paths; megatron_jp.data.index_cache): built once by one process, memory-mapped by all, so
+a rank's memory does not grow with the corpus. `tools/build_index.py` builds them ahead of a job.
+Every shard's provenance sidecar is checked against the tokenizer (megatron_jp.data.provenance).
+`TrainLoader.summary(steps, consumed_at)` is the per-source table printed at start.
 """
 
 from __future__ import annotations
 
 import numbers
+import os
 from dataclasses import dataclass
 
 import torch
 
-from megatron_jp.data import indexed
+from megatron_jp.data import indexed, provenance
 from megatron_jp.data.datasets import TRAIN, VALID, MLMDataset, PackedSource, parse_blend, split_bounds
+from megatron_jp.data.index_cache import IndexCache
 from megatron_jp.data.masking import Masker
 
 
@@ -139,9 +147,11 @@ class TrainLoader:
         if self.num_workers <= 0:
             self._it = (_SpecDataset(self.mlm)[spec] for spec in stream)
             return
+        # pinned host memory on GPU machines: the step's copies to the device then run without waiting
         loader = torch.utils.data.DataLoader(_SpecDataset(self.mlm), sampler=stream, batch_size=None,
                                              num_workers=self.num_workers, collate_fn=_no_collate,
-                                             prefetch_factor=2, persistent_workers=False)
+                                             prefetch_factor=2, persistent_workers=False,
+                                             pin_memory=torch.cuda.is_available())
         self._it = iter(loader)
 
     def __iter__(self):
@@ -158,6 +168,15 @@ class TrainLoader:
         self.consumed_samples += self.samples_per_micro_step
         self.last_spec = spec
         return batch
+
+    def summary(self, total_steps: int, consumed_at=None) -> str:
+        """The per-source table of the blend (megatron_jp.data.summary) for a run of total_steps;
+        consumed_at(step) -> samples before that step (the default: a fixed global batch size)."""
+        from megatron_jp.data.summary import blend_summary, stage_samples
+
+        consumed_at = consumed_at or (lambda step: step * self.global_batch_size)
+        stages = stage_samples(self.plan.seq_length_at, total_steps, consumed_at)
+        return blend_summary(self.mlm, stages, total_steps)
 
     def close(self) -> None:
         """Stop the DataLoader workers now (they also stop when the loader is garbage collected)."""
@@ -195,30 +214,64 @@ class ValidLoader:
             yield self.mlm.batch(range(first, first + self.micro_batch_size), self.seq_length, self.mask_prob)
 
 
-def _sources(paths: str, part: int | None, split: str, cfg, seed: int, stream: int):
+STREAM_STRIDE = 1 << 20  # source d of split stream s draws from stream s * STREAM_STRIDE + d
+
+
+def cache_root(cfg) -> str:
+    """data.cache_dir, or `index-cache/` next to the first shard of data.paths."""
+    if getattr(cfg, "cache_dir", ""):
+        return cfg.cache_dir
+    first = parse_blend(cfg.paths)[0][1]
+    return os.path.join(os.path.dirname(os.path.abspath(first)), "index-cache")
+
+
+def _sources(paths: str, part: int | None, cfg, seed: int, stream: int, cache: IndexCache, tok_info, notes,
+             unchecked):
     """(sources, weights) of a blend; `part` picks the train or valid documents of each prefix."""
     sources, weights = [], []
     for d, (weight, prefix) in enumerate(parse_blend(paths)):
-        n_docs = len(indexed.IndexedDataset(prefix))
-        doc_range = (0, n_docs) if part is None else split_bounds(n_docs, split)[part]
+        shard = indexed.IndexedDataset(prefix)
+        note = provenance.check_shard(prefix, shard, tok_info, getattr(cfg, "ignore_tokenizer_mismatch", False))
+        if note == provenance.NO_SIDECAR:
+            unchecked.append(prefix)
+        elif note:
+            notes.append(note)
+        doc_range = (0, len(shard)) if part is None else split_bounds(len(shard), cfg.split)[part]
         if doc_range[1] > doc_range[0]:
-            sources.append(PackedSource(prefix, doc_range, cfg.packing, seed, stream * 1000 + d,
-                                        cfg.whole_word_masking))
+            sources.append(PackedSource(prefix, doc_range, cfg.packing, seed, stream * STREAM_STRIDE + d,
+                                        cfg.whole_word_masking, cache, getattr(cfg, "keep_empty_documents", False)))
             weights.append(weight)
     return sources, weights
 
 
-def build_mlm_dataset(cfg, tokenizer, seed: int, stream: int) -> MLMDataset | None:
+def build_mlm_dataset(cfg, tokenizer, seed: int, stream: int, cache: IndexCache | None = None) -> MLMDataset | None:
     """The train (stream TRAIN) or valid (stream VALID) MLMDataset of a DataConfig, or None if empty."""
+    cache, notes, unchecked = cache or IndexCache(cache_root(cfg)), [], []
+    tok_info = provenance.tokenizer_info(tokenizer)
     if stream == VALID and cfg.valid_paths:
-        sources, weights = _sources(cfg.valid_paths, None, cfg.split, cfg, seed, stream)
+        sources, weights = _sources(cfg.valid_paths, None, cfg, seed, stream, cache, tok_info, notes, unchecked)
     else:
-        sources, weights = _sources(cfg.paths, stream, cfg.split, cfg, seed, stream)
+        sources, weights = _sources(cfg.paths, stream, cfg, seed, stream, cache, tok_info, notes, unchecked)
     if not sources:
         return None
     masker = Masker(tokenizer.vocab_size, tokenizer.mask_id, tokenizer.special_ids, cfg.mask_token_prob,
                     cfg.random_token_prob, cfg.whole_word_masking)
-    return MLMDataset(sources, weights, tokenizer, masker, seed, stream)
+    mlm = MLMDataset(sources, weights, tokenizer, masker, seed, stream, cache=cache)
+    mlm.notes += notes
+    mlm.unchecked += unchecked
+    return mlm
+
+
+def raise_open_file_limit(needed: int) -> None:
+    """Every memory map holds a file descriptor (shard .bin/.idx, word shard, 3 arrays per index):
+    a blend of hundreds of shards passes the common soft limit of 1024, so raise it toward the hard
+    limit (as far as needed, plus room for everything else)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = needed + 1024
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(want, hard), hard))
 
 
 def build_data_loaders(data_cfg, tokenizer, *, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int,
@@ -230,7 +283,11 @@ def build_data_loaders(data_cfg, tokenizer, *, micro_batch_size: int, dp_rank: i
     step_of(consumed_samples) -> optimizer step, for the curricula; the default, consumed //
     global_batch_size, is wrong under a batch-size ramp-up, which passes its own.
     """
-    train_set = build_mlm_dataset(data_cfg, tokenizer, seed, TRAIN)
+    n_stages = len(getattr(seq_length_at, "values", lambda: [None])())
+    n_sources = len(parse_blend(data_cfg.paths)) + (len(parse_blend(data_cfg.valid_paths)) if data_cfg.valid_paths else 0)
+    raise_open_file_limit(2 * n_sources * (4 + 3 * (n_stages + 1)))
+    cache = IndexCache(cache_root(data_cfg))
+    train_set = build_mlm_dataset(data_cfg, tokenizer, seed, TRAIN, cache)
     if train_set is None:
         raise ValueError(f"data.paths {data_cfg.paths!r} with split {data_cfg.split!r} leaves no training documents")
     train = TrainLoader(train_set, micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
@@ -238,7 +295,9 @@ def build_data_loaders(data_cfg, tokenizer, *, micro_batch_size: int, dp_rank: i
                         mask_prob_at=data_cfg.mask_prob if mask_prob_at is None else mask_prob_at,
                         seq_length_at=data_cfg.seq_length if seq_length_at is None else seq_length_at, seed=seed,
                         step_of=step_of)
-    valid_set = build_mlm_dataset(data_cfg, tokenizer, seed, VALID)
+    valid_set = build_mlm_dataset(data_cfg, tokenizer, seed, VALID, cache)
+    if valid_set is not None:
+        valid_set.prepare(data_cfg.seq_length)  # build (or map) its index now, not at the first evaluation
     valid = None if valid_set is None else ValidLoader(
         valid_set, micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
         seq_length=data_cfg.seq_length, mask_prob=data_cfg.mask_prob, max_batches=valid_max_batches)

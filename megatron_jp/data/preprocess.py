@@ -11,7 +11,12 @@ Bad lines (invalid UTF-8, invalid JSON, not an object, missing key, non-string v
 a document over --max-document-bytes, a truncated .gz) stop the run with `file:line: reason`
 (`--on-error fail`, the default) or are counted by reason and skipped (`--on-error skip`). Shards
 are written under temporary names and renamed only when every input was read: a failed or killed
-run leaves no file that looks like a complete shard.
+run leaves no file that looks like a complete shard. Each shard gets its provenance sidecar
+`{prefix}.json` (megatron_jp.data.provenance), published after the shard, the old one removed first.
+
+`--slice I/N` processes slice I of N of the (expanded, ordered) input files: contiguous ranges of
+about equal bytes, so an array job's outputs merged in slice order (tools/merge_datasets.py) are
+byte for byte what one run over all files writes.
 """
 
 from __future__ import annotations
@@ -31,13 +36,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from megatron_jp.data import indexed
-from megatron_jp.data.segment import SEGMENTERS, build_segmenter, text_chunks, word_start_flags
+from megatron_jp.data import indexed, provenance
+from megatron_jp.data.segment import SEGMENTERS, build_segmenter, segmenter_flags_all, text_chunks
 from megatron_jp.data.tokenizers import TOKENIZER_TYPES, build_tokenizer
 
 CHUNK_BYTES = 1 << 20
 CHUNK_LINES = 4096
 LONG_TEXT_CHARS = 1 << 20  # longer texts are tokenized piecewise (at line breaks) to bound memory
+JOIN_LIMIT = 1 << 22  # ids of a chunk up to this many are sent back as one array
+GROUP_CHARS = 1 << 20  # characters encoded phase by phase (tokenizer, MeCab, alignment) at a time
 REASONS = {
     "invalid_utf8": "invalid UTF-8", "invalid_json": "invalid JSON", "not_object": "not a JSON object",
     "missing_key": "missing key", "not_string": "non-string value", "empty_text": "empty text",
@@ -89,6 +96,9 @@ def parse_args(argv=None):
     g.add_argument("--max-document-bytes", type=int, default=16 << 20,
                    help="refuse longer JSONL lines with their reason (0: no limit; memory grows with it)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--slice", default="", metavar="I/N",
+                   help="process only slice I (0-based) of N of the input files: contiguous, about equal bytes "
+                        "(array jobs; merge the outputs in slice order with tools/merge_datasets.py)")
     return p.parse_args(argv)
 
 
@@ -102,6 +112,23 @@ def expand_inputs(patterns: list[str]) -> list[str]:
             raise FileNotFoundError(f"--input {pattern}: no such file" + ("" if matches else " (glob matched nothing)"))
         files += matches
     return files
+
+
+def select_slice(paths: list[str], spec: str) -> list[str]:
+    """The files of slice "I/N": file f belongs to slice floor(N * bytes before f / all bytes)."""
+    if not spec:
+        return paths
+    try:
+        index, count = (int(v) for v in spec.split("/"))
+    except ValueError:
+        raise ValueError(f"--slice {spec!r}: expected I/N, e.g. 3/64") from None
+    if not 0 <= index < count:
+        raise ValueError(f"--slice {spec!r}: I must lie in [0, N)")
+    sizes = np.array([os.path.getsize(p) for p in paths], dtype=np.int64)
+    before = np.cumsum(sizes) - sizes
+    total = int(sizes.sum())
+    slices = before * count // total if total else np.arange(len(paths)) * count // max(len(paths), 1)
+    return [p for p, s in zip(paths, slices.tolist()) if s == index]
 
 
 def output_prefix(prefix: str, key: str) -> str:
@@ -206,24 +233,52 @@ def _pieces(text: str):
     return [text] if len(text) <= LONG_TEXT_CHARS else (c for _, c in text_chunks(text, LONG_TEXT_CHARS))
 
 
-def _encode(text: str, dtype):
-    """(id arrays in the output dtype, word-flag arrays or None) of one text, piecewise if very long."""
+def _encode_pieces(pieces: list[str], dtype) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """(ids in the output dtype, word flags or None) of each text. With a segmenter in phases: every
+    text through the tokenizer, then every text through MeCab, then the alignment, so that each
+    library's tables stay in the CPU caches (interleaving them per document cost a quarter of the
+    speed: bench/preprocess.py)."""
     tok, seg = _WORKER["tokenizer"], _WORKER["segmenter"]
-    ids, flags = [], []
-    for piece in _pieces(text):
-        if seg is None:
-            ids.append(tok.encode(piece).astype(dtype, copy=False))
-            continue
-        piece_ids, starts, ends = tok.encode_with_offsets(piece)
-        m_starts, m_ends = seg.spans(piece)
-        ids.append(piece_ids.astype(dtype, copy=False))
-        flags.append(word_start_flags(starts, ends, m_starts, m_ends, len(piece)))
-    return ids, (flags if seg is not None else None)
+    if seg is None:
+        return [(tok.encode(p).astype(dtype, copy=False), None) for p in pieces]
+    encoded = [tok.encode_with_offsets(p) for p in pieces]
+    flags = segmenter_flags_all(seg, pieces, [(s, e) for _, s, e in encoded])
+    return [(ids.astype(dtype, copy=False), f) for (ids, _, _), f in zip(encoded, flags)]
+
+
+def _encode_docs(texts: list[str], dtype) -> list[tuple[list, list | None]]:
+    """(id arrays, flag arrays or None) of each document; very long ones piecewise, and pieces
+    encoded in groups of about GROUP_CHARS characters, so memory stays bounded."""
+    with_flags = _WORKER["segmenter"] is not None
+    out = [([], [] if with_flags else None) for _ in texts]
+    group, size = [], 0
+
+    def flush():
+        for (doc, _), (ids, flags) in zip(group, _encode_pieces([p for _, p in group], dtype)):
+            out[doc][0].append(ids)
+            if with_flags:
+                out[doc][1].append(flags)
+        group.clear()
+
+    for doc, text in enumerate(texts):
+        for piece in _pieces(text):
+            group.append((doc, piece))
+            size += len(piece)
+            if size >= GROUP_CHARS:
+                flush()
+                size = 0
+    flush()
+    return out
+
+
+def _joined(arrays: list) -> list:
+    """One array for a chunk of ordinary documents (one pickle, one write); a huge document's parts
+    stay apart, since joining would copy it once more."""
+    return [np.concatenate(arrays)] if 1 < len(arrays) and sum(map(len, arrays)) <= JOIN_LIMIT else arrays
 
 
 def _key_arrays(docs: list, opts: dict, eod: int):
-    """(id arrays, document lengths, flag arrays or None) of one key; arrays are not concatenated,
-    which would copy a huge document once more."""
+    """(id arrays, document lengths, flag arrays or None) of one key."""
     dtype = np.dtype(opts["dtype"])
     ids, lengths, flags = [], [], []
     for parts, part_flags in docs:
@@ -234,7 +289,8 @@ def _key_arrays(docs: list, opts: dict, eod: int):
         lengths.append(sum(len(p) for p in parts))
         if part_flags is not None:
             flags += part_flags
-    return ids, np.asarray(lengths, dtype=np.int64), (flags if opts["word_boundaries"] != "none" else None)
+    flags = _joined(flags) if opts["word_boundaries"] != "none" else None
+    return _joined(ids), np.asarray(lengths, dtype=np.int64), flags
 
 
 def process_chunk(chunk: Chunk) -> ChunkResult:
@@ -256,7 +312,8 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
         n_docs += 1
         n_bytes += size
         for key, text in zip(keys, texts):
-            per_key[key].append(_encode(text, dtype))
+            per_key[key].append(text)
+    per_key = {key: _encode_docs(docs, dtype) for key, docs in per_key.items()}
     eod = _WORKER["tokenizer"].eod_id
     tokens = {k: _key_arrays(docs, opts, eod) for k, docs in per_key.items()}
     return ChunkResult(chunk.path, tokens, sorted(errors), n_docs, n_bytes, blanks)
@@ -284,9 +341,17 @@ def ordered_results(chunks, opts: dict, workers: int):
             yield done, res.get()
 
 
+def _cpu_seconds(children: bool = True) -> float:
+    """CPU time of this process and (children) of its finished children (the pool's workers, once joined)."""
+    import resource
+
+    who = (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) if children else (resource.RUSAGE_SELF,)
+    return sum(resource.getrusage(w).ru_utime + resource.getrusage(w).ru_stime for w in who)
+
+
 class Stats:
     def __init__(self):
-        self.start = time.time()
+        self.start, self.start_cpu, self.start_main_cpu = time.time(), _cpu_seconds(), _cpu_seconds(False)
         self.docs = self.tokens = self.text_bytes = self.blank_lines = 0
         self.skipped = collections.Counter()
 
@@ -304,7 +369,9 @@ class Stats:
     def summary(self) -> dict:
         return {"documents": self.docs, "tokens": self.tokens, "skipped": dict(self.skipped),
                 "skipped_total": sum(self.skipped.values()), "blank_lines": self.blank_lines,
-                "text_bytes": self.text_bytes, "seconds": round(time.time() - self.start, 3)}
+                "text_bytes": self.text_bytes, "seconds": round(time.time() - self.start, 3),
+                "cpu_seconds": round(_cpu_seconds() - self.start_cpu, 3),
+                "main_cpu_seconds": round(_cpu_seconds(False) - self.start_main_cpu, 3)}
 
 
 def _make_writers(args, dtype, writers: dict) -> None:
@@ -320,7 +387,7 @@ def _each(writers: dict):
     return [w for pair in writers.values() for w in pair if w is not None]
 
 
-def _write(writers, result: ChunkResult) -> int:
+def _write(writers, result: ChunkResult, empty: collections.Counter) -> int:
     n = 0
     for key, (parts, lengths, words) in result.tokens.items():
         tok_writer, word_writer = writers[key]
@@ -328,7 +395,32 @@ def _write(writers, result: ChunkResult) -> int:
         if word_writer is not None:
             word_writer.add_parts(words, lengths)
         n += int(lengths.sum())
+        empty[key] += int(np.count_nonzero(lengths == 0))
     return n
+
+
+def _sidecars(args, tokenizer, writers: dict, stats, empty, n_files: int) -> dict:
+    """key -> temporary sidecar path, written once every shard is finalized."""
+    out = {}
+    for key, (tok_writer, _) in writers.items():
+        counts = {"documents": tok_writer.n_docs, "tokens": tok_writer.n_tokens, "zero_token_documents": empty[key],
+                  "skipped": stats.skipped, "blank_lines": stats.blank_lines, "input_files": n_files,
+                  "text_bytes": stats.text_bytes}
+        record = provenance.shard_record(tokenizer, word_boundaries=args.word_boundaries, json_key=key,
+                                         append_eod=args.append_eod, dtype=tok_writer.dtype, counts=counts)
+        out[key] = provenance.write_sidecar(tok_writer.prefix, record, tok_writer.tag)
+    return out
+
+
+def _commit(writers: dict, sidecars: dict) -> None:
+    """Old sidecars go first and new ones come last, so a sidecar never describes another shard."""
+    for tok_writer, _ in writers.values():
+        if os.path.exists(provenance.sidecar_path(tok_writer.prefix)):
+            os.unlink(provenance.sidecar_path(tok_writer.prefix))
+    for w in _each(writers):
+        w.commit()
+    for key, tmp in sidecars.items():
+        os.replace(tmp, provenance.sidecar_path(writers[key][0].prefix))
 
 
 def _check_errors(result: ChunkResult, on_error: str) -> None:
@@ -346,40 +438,45 @@ def _progress(total: int, quiet: bool):
 
 def run(args) -> dict:
     """Preprocess per `args` (see parse_args); return the summary. Raises PreprocessError on bad input."""
-    paths = expand_inputs(args.input)
+    paths = select_slice(expand_inputs(args.input), args.slice)
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
     dtype = indexed.optimal_dtype(tokenizer.vocab_size)
     opts = {"keys": args.json_keys, "tokenizer_type": args.tokenizer_type, "tokenizer_model": args.tokenizer_model,
             "word_boundaries": args.word_boundaries, "append_eod": args.append_eod, "dtype": np.dtype(dtype).str}
     build_segmenter(args.word_boundaries)  # fail now, not in a worker, if the segmenter is missing
     stats, bar = Stats(), _progress(sum(os.path.getsize(p) for p in paths), args.quiet)
-    writers = {}
+    writers, sidecars, empty = {}, {}, collections.Counter()
     try:
         _make_writers(args, dtype, writers)  # inside try: a signal from here on cleans up
         for chunk, result in ordered_results(iter_chunks(paths, args.max_document_bytes), opts, args.workers):
             _check_errors(result, args.on_error)
-            stats.add(result, _write(writers, result))
+            stats.add(result, _write(writers, result, empty))
             bar.update(chunk.file_bytes)
             bar.set_postfix_str(stats.rates(), refresh=False)
         for w in _each(writers):
             w.finalize()
-        for w in _each(writers):  # only once every shard is complete
-            w.commit()
+        sidecars = _sidecars(args, tokenizer, writers, stats, empty, len(paths))
+        _commit(writers, sidecars)  # only once every shard is complete
     except BaseException:
         for w in _each(writers):
             w.abort()
+        for tmp in sidecars.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         raise
     finally:
         bar.close()
     summary = stats.summary()
+    summary["zero_token_documents"] = sum(empty.values())
     summary["outputs"] = [output_prefix(args.output_prefix, k) for k in args.json_keys]
     return summary
 
 
 def print_summary(summary: dict) -> None:
     skipped = ", ".join(f"{REASONS.get(k, k)}: {v}" for k, v in sorted(summary["skipped"].items())) or "none"
-    print(f"documents {summary['documents']:,} | tokens {summary['tokens']:,} | skipped {summary['skipped_total']:,} "
-          f"({skipped}) | blank lines {summary['blank_lines']:,} | {summary['seconds']:.1f} s", file=sys.stderr)
+    print(f"documents {summary['documents']:,} | tokens {summary['tokens']:,} | zero-token documents "
+          f"{summary['zero_token_documents']:,} | skipped {summary['skipped_total']:,} ({skipped}) | blank lines "
+          f"{summary['blank_lines']:,} | {summary['seconds']:.1f} s", file=sys.stderr)
     print(json.dumps(summary, ensure_ascii=False))
 
 

@@ -8,13 +8,20 @@ previous token's last one. Byte tokens of one character carry that character's s
 in one unit. Tokens covering only whitespace form a unit of their own.
 
 Segmenters: `unidic-lite` (MeCab through fugashi, the default) and `sudachi` (SudachiPy, split
-mode C, optional). Text is fed line by line in pieces of at most MAX_CHUNK_CHARS, since MeCab slows
+mode C, optional). `segmenter_flags(segmenter, text, starts, ends)` is what preprocessing calls:
+for MeCab it hands the text and MeCab's -Owakati output to the C++ helper
+(csrc/helpers/words.cpp), which computes the same flags as spans + `word_start_flags` in one pass. Text is fed line by line in pieces of at most MAX_CHUNK_CHARS, since MeCab slows
 down on very long inputs and Sudachi refuses inputs over ~49 kB.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+try:  # built by setup.py from csrc/helpers/*.cpp; absent in a plain source checkout
+    from megatron_jp import _helpers
+except ImportError:  # pragma: no cover - depends on the build
+    _helpers = None
 
 SEGMENTERS = ("none", "unidic-lite", "sudachi")
 MAX_CHUNK_CHARS = 4096
@@ -62,12 +69,24 @@ class MecabSegmenter:
         self.skipped = np.zeros(0x110000, dtype=bool)
         self.skipped[[ord(c) for c in _MECAB_SKIPPED]] = True
 
+    def parse(self, text: str) -> str:
+        """MeCab's surfaces of the whole text, separated by spaces (line by line, long lines cut)."""
+        return " ".join(self.tagger.parse(chunk.rstrip("\n")) for _, chunk in text_chunks(text)
+                        if chunk.strip(_MECAB_SKIPPED))
+
     def spans(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        surfaces = []
-        for _, chunk in text_chunks(text):
-            if chunk.strip(_MECAB_SKIPPED):
-                surfaces += [s for s in self.tagger.parse(chunk.rstrip("\n")).split(" ") if s]
-        return self._align(text, surfaces)
+        return self._align(text, [s for s in self.parse(text).split(" ") if s])
+
+    def flags(self, text: str, tok_starts, tok_ends, parsed: str | None = None) -> np.ndarray:
+        """Word-start flag per token (as word_start_flags over spans), in C++ where it is built;
+        `parsed` is self.parse(text) when the caller has it already."""
+        parsed = self.parse(text) if parsed is None else parsed
+        if _helpers is not None:
+            flags = _helpers.wakati_word_flags(text, parsed, tok_starts, tok_ends)
+            if flags is not None:
+                return flags
+        m_starts, m_ends = self._align(text, [s for s in parsed.split(" ") if s])
+        return word_start_flags(tok_starts, tok_ends, m_starts, m_ends, len(text))
 
     def _align(self, text: str, surfaces: list[str]):
         codepoints = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
@@ -158,8 +177,24 @@ def word_start_flags(tok_starts, tok_ends, morph_starts, morph_ends, n_chars: in
     return flags
 
 
+def segmenter_flags(segmenter, text: str, tok_starts, tok_ends) -> np.ndarray:
+    """Word-start flag per token of `text` (tokens given by their character spans)."""
+    if hasattr(segmenter, "flags"):
+        return segmenter.flags(text, tok_starts, tok_ends)
+    m_starts, m_ends = segmenter.spans(text)
+    return word_start_flags(tok_starts, tok_ends, m_starts, m_ends, len(text))
+
+
+def segmenter_flags_all(segmenter, texts: list[str], spans: list) -> list[np.ndarray]:
+    """segmenter_flags of each text, with the token spans [(starts, ends)] of each; MeCab parses
+    every text first, then the flags are computed (one library at a time keeps its tables in cache)."""
+    if isinstance(segmenter, MecabSegmenter):
+        parsed = [segmenter.parse(t) for t in texts]
+        return [segmenter.flags(t, s, e, p) for t, (s, e), p in zip(texts, spans, parsed)]
+    return [segmenter_flags(segmenter, t, s, e) for t, (s, e) in zip(texts, spans)]
+
+
 def token_word_flags(tokenizer, segmenter, text: str) -> tuple[np.ndarray, np.ndarray]:
     """(ids, word-start flags) of `text` with the given tokenizer and segmenter."""
     ids, starts, ends = tokenizer.encode_with_offsets(text)
-    m_starts, m_ends = segmenter.spans(text)
-    return ids, word_start_flags(starts, ends, m_starts, m_ends, len(text))
+    return ids, segmenter_flags(segmenter, text, starts, ends)

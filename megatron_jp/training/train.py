@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from megatron_jp.config import Config, ConfigError, to_yaml, validate
 from megatron_jp.data.loader import build_data_loaders
+from megatron_jp.data.sources import DataError
 from megatron_jp.files import describe_os_error, write_text
 from megatron_jp.data.tokenizers import build_tokenizer
 from megatron_jp.parallel import (ParallelDims, StepResult, build_optimizer, build_parallel_model, eval_step,
@@ -93,7 +94,7 @@ def run(cfg: Config, stop: StopRequest | None = None) -> int:
         return 0
     except LockedError as e:
         return fail(e, rank, status=2)
-    except (TrainingAborted, CheckpointError, ConfigError) as e:
+    except (TrainingAborted, CheckpointError, ConfigError, DataError) as e:
         return fail(e, rank, status=1)
     except OSError as e:  # e.g. metrics.jsonl on a full disk: say which and what it means
         reason = describe_os_error(e)
@@ -135,6 +136,8 @@ def prepare_data(cfg: Config, rank: int, world: int):
                                  global_batch_size=cfg.train.global_batch_size,
                                  mask_prob_at=curricula.mask_prob, seq_length_at=curricula.seq_length,
                                  valid_max_batches=cfg.eval.steps, step_of=curricula.batch.step_of)
+    if rank == 0:  # per source: documents, tokens, rows, epochs of this run
+        print(loaders[0].summary(cfg.train.steps, curricula.batch.consumed_at), flush=True)
     if cfg.eval.intrinsic:  # refuse missing word flags now, not at the first validation
         build_dataset(cfg, tokenizer)
     return loaders, curricula

@@ -175,8 +175,8 @@ def test_split_keeps_train_and_valid_documents_apart(shards):
     (tr_lo, tr_hi), (va_lo, va_hi) = split_bounds(80, "90,10")
     assert (tr_lo, tr_hi, va_lo, va_hi) == (0, 72, 72, 80)
     train, valid = loaders(config(shards["A"]))
-    assert set(train.mlm.sources[0].docs.tolist()) == set(range(72))
-    assert set(valid.mlm.sources[0].docs.tolist()) == set(range(72, 80))
+    assert set(train.mlm.sources[0].documents(128).tolist()) == set(range(72))
+    assert set(valid.mlm.sources[0].documents(128).tolist()) == set(range(72, 80))
 
 
 def test_valid_loader_repeats_the_same_batches(shards):

@@ -89,5 +89,8 @@ def test_cpp_helper_matches_python_fallback():
         sizes = split_documents(np.arange(5000), lengths, seq - 2)[2]
         for cpp, py in zip(packing._helpers.pack_best_fit(sizes, seq, 700), packing._best_fit_python(sizes, seq, 700)):
             assert np.array_equal(cpp, py)
-        for cpp, py in zip(packing._helpers.pack_concat(lengths, seq), packing._concat_python(lengths, seq)):
-            assert np.array_equal(cpp, py)
+        for room, keep in ((seq, False), (2, True)):
+            with_empty = np.where(np.arange(5000) % 7 == 0, 0, lengths)
+            cpp = packing._helpers.pack_concat(with_empty, seq, room, keep)
+            py = packing._concat_python(with_empty, seq, room, keep)
+            assert all(np.array_equal(a, b) for a, b in zip(cpp, py))

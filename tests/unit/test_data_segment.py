@@ -95,3 +95,25 @@ def test_sudachi_spans_use_long_units_and_drop_spaces():
     text = "東京都千代田区の  空白"
     starts, ends = seg.spans(text)
     assert [text[a:b] for a, b in zip(starts, ends)] == ["東京都千代田区", "の", "空白"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("megatron_jp._helpers") is None, reason="_helpers not built")
+def test_cpp_word_flags_equal_the_numpy_reference(mecab):
+    from test_data_helpers import sample_lines
+
+    rng = np.random.default_rng(0)
+    lines = sample_lines()
+    texts = ["", " ", "a\n\n b", "猫\tが　東京 へ\n", "😀 x " * 3] + lines[:40]
+    texts += ["".join(rng.choice(lines, 3)).replace("。", rng.choice([" ", "\n", "。 "])) for _ in range(20)]
+    tok = ByteTokenizer()
+    for text in texts:
+        _, starts, ends = tok.encode_with_offsets(text)
+        m_starts, m_ends = mecab.spans(text)
+        want = word_start_flags(starts, ends, m_starts, m_ends, len(text))
+        assert mecab.flags(text, starts, ends).tolist() == want.tolist(), text
+
+
+def test_cpp_word_flags_hand_back_text_that_mecab_did_not_cover():
+    _helpers = pytest.importorskip("megatron_jp._helpers")
+    assert _helpers.wakati_word_flags("abc", "ab", np.arange(3), np.arange(1, 4)) is None
+    assert _helpers.wakati_word_flags("a b", "a b", np.arange(3), np.arange(1, 4)).tolist() == [1, 1, 1]

@@ -121,3 +121,19 @@ def test_build_tokenizer_rejects_a_file_that_is_not_a_model(tmp_path):
     bad.write_bytes(b"not a sentencepiece model")
     with pytest.raises(TokenizerError, match="bad.model"):
         build_tokenizer("SentencePieceTokenizer", str(bad))
+
+
+@pytest.mark.parametrize("helper", ["cpp", "numpy"])
+def test_fast_offsets_equal_sentencepiece_offset_mapping(spm_model, helper, monkeypatch):
+    from megatron_jp.data import tokenizers
+
+    if helper == "numpy":
+        monkeypatch.setattr(tokenizers, "_helpers", None)
+    elif tokenizers._helpers is None:
+        pytest.skip("megatron_jp._helpers not built")
+    tok = SentencePieceTokenizer(spm_model)
+    for text in VARIED + ["㍻ｶﾞ漢字 ﾊﾟﾊﾟ", "x\u2581y  z", "鬱" * 30] + sample_lines()[:50]:
+        want = tok.sp.encode_as_offset_mapping(text)
+        ids, starts, ends = tok.encode_with_offsets(text)
+        assert ids.tolist() == want["ids"]
+        assert list(zip(starts.tolist(), ends.tolist())) == [tuple(o) for o in want["offsets"]], text

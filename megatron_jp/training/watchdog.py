@@ -136,9 +136,12 @@ class Watchdog:
         return self
 
     def started(self):
-        """The start-up phase is over: from now on `timeout_s` applies."""
+        """The start-up phase is over: from now on `timeout_s` applies. Beats at once (the store is up
+        now): a rank frozen in its first steps, before the thread's next beat, is then named as frozen,
+        not as a rank that never joined."""
         self._in_startup = False
         self.mark(self.step, "start-up done")
+        self._beat()
 
     def mark(self, step: int, phase: str):
         """The main thread made progress: it is at `step`, doing `phase` (a few words)."""
@@ -207,7 +210,9 @@ class Watchdog:
         return dist.PrefixStore(self.prefix, store)
 
     def _beat(self):
-        """Publish this rank's heartbeat (an unreachable store is left to the diagnosis)."""
+        """Publish this rank's heartbeat (an unreachable store is left to the diagnosis). Called by the
+        thread, and once by the main thread in `started` (a race between the two repeats a count at
+        worst; the counter still moves)."""
         self._count += 1
         beat = Beat(self._count, self.step, self.phase).encode()
         try:

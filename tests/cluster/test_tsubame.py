@@ -30,7 +30,8 @@ def test_torchrun_per_node_from_the_pe_hostfile_with_mpirun(tmp_path):
     assert command.startswith("mpirun -n 2 -npernode 1 -hostfile ")
     assert (tmp_path / "local" / "megatron_jp" / "hostfile").read_text() == "r1n1 slots=1\nr1n2 slots=1\n"
     assert ("torchrun --nnodes=2 --nproc-per-node=4 --rdzv-backend=c10d --rdzv-endpoint=r1n1:29742 "
-            "--rdzv-id=4242 -m megatron_jp.train --config examples/tohoku-bert-500m.yaml --train.steps 5") in command
+            "--rdzv-id=4242 -m megatron_jp.train --config examples/tohoku-bert-500m.yaml --data.cache_dir "
+            f"{tmp_path}/local/megatron_jp/index_cache --train.steps 5") in command
     for name in ("PATH", "MASTER_ADDR", "NCCL_SOCKET_IFNAME", "TORCH_NCCL_ASYNC_ERROR_HANDLING"):  # to the other node
         assert f" -x {name} " in command
 

@@ -62,6 +62,20 @@ def test_a_store_call_that_hangs_is_given_up_and_later_calls_fail_at_once():
     release.set()
 
 
+def test_a_rank_has_a_heartbeat_in_the_store_as_soon_as_its_start_up_is_over():
+    """Frozen in its first steps, before its thread's first beat, it must read as frozen, not as never joined."""
+    stored = {}
+
+    class Store:
+        def set(self, key, value):
+            stored[key] = value
+
+    dog = Watchdog(rank=3, world=4, timeout_s=600, startup_s=300, host="h", port=1)
+    dog._store = TimedStore(connect=Store, timeout_s=1.0)  # the thread is never started
+    dog.started()
+    assert Beat.decode(stored["beat/3"]) == Beat(1, 0, "start-up done")
+
+
 def test_the_heartbeat_interval_follows_the_shorter_limit():
     dog = Watchdog(rank=0, world=2, timeout_s=600, startup_s=300, host="h", port=1)
     assert dog.interval == 10.0 and dog.window == 30.0 and dog.backstop_s == 660

@@ -124,6 +124,7 @@ MpiDefault=none
 ReturnToService=2
 SchedulerType=sched/backfill
 KillWait=10
+SlurmctldDebug=debug
 MinJobAge=600
 InactiveLimit=0
 Waittime=0

@@ -97,38 +97,41 @@ py::object wakati_word_flags(const std::u32string& text, const std::u32string& p
   return std::move(out);
 }
 
+// A byte position in UTF-8 text and the number of characters begun before it.
+struct CharCursor {
+  const uint8_t* raw;
+  int64_t n;
+  int64_t pos = 0, chars = 0;
+
+  void step() { chars += (raw[pos++] & 0xC0) != 0x80; }
+  void advance_to(int64_t target) {
+    while (pos < target) step();
+  }
+  // a position inside a character (a continuation byte) belongs to that character
+  int64_t char_at(int64_t p) const { return (p < n && (raw[p] & 0xC0) == 0x80) ? chars - 1 : chars; }
+};
+
 // Character spans, in the normalized text, of consecutive pieces of the given UTF-8 byte lengths
 // (SentencePieceTokenizer._offsets_from_pieces has the numpy version and the rules). None when the
 // lengths do not add up to the text or a piece has no known length (-1).
 py::object piece_spans(const py::bytes& normalized, const Ids& ids, const Offsets& piece_bytes) {
-  const std::string raw = normalized;
+  CharCursor at{reinterpret_cast<const uint8_t*>(PyBytes_AS_STRING(normalized.ptr())),
+                PyBytes_GET_SIZE(normalized.ptr())};
   auto id = ids.unchecked<1>();
   auto table = piece_bytes.unchecked<1>();
   const py::ssize_t n_tok = id.shape(0);
   py::array_t<int64_t> starts(n_tok), ends(n_tok);
   int64_t* s = starts.mutable_data();
   int64_t* e = ends.mutable_data();
-  int64_t pos = 0, chars = 0;  // byte position, and characters begun before it
-  auto advance_to = [&](int64_t target) {  // count characters whose lead byte lies in [pos, target)
-    for (; pos < target; ++pos) chars += (static_cast<uint8_t>(raw[static_cast<size_t>(pos)]) & 0xC0) != 0x80;
-  };
   for (py::ssize_t t = 0; t < n_tok; ++t) {
     const int32_t piece = id(t);
     const int64_t len = (piece >= 0 && piece < table.shape(0)) ? table(piece) : -1;
-    if (len < 0 || pos + len > static_cast<int64_t>(raw.size())) return py::none();
-    // a position inside a character belongs to that character: chars - 1 if it is a continuation byte
-    auto char_at = [&](int64_t p) {
-      const bool inside = p < static_cast<int64_t>(raw.size()) &&
-                          (static_cast<uint8_t>(raw[static_cast<size_t>(p)]) & 0xC0) == 0x80;
-      return inside ? chars - 1 : chars;
-    };
-    advance_to(pos);
-    s[t] = char_at(pos);
-    const int64_t stop = pos + len;
-    advance_to(stop);
-    e[t] = char_at(stop);
+    if (len < 0 || at.pos + len > at.n) return py::none();
+    s[t] = at.char_at(at.pos);
+    at.advance_to(at.pos + len);
+    e[t] = at.char_at(at.pos);
   }
-  if (pos != static_cast<int64_t>(raw.size())) return py::none();
+  if (at.pos != at.n) return py::none();
   return py::make_tuple(starts, ends);
 }
 
@@ -140,8 +143,7 @@ py::object piece_spans(const py::bytes& normalized, const Ids& ids, const Offset
 py::object text_piece_spans(const py::bytes& text, const Ids& ids, const py::array_t<uint8_t, py::array::c_style>& blob,
                             const Offsets& start,
                             const py::array_t<bool, py::array::c_style>& known) {
-  const auto* raw = reinterpret_cast<const uint8_t*>(PyBytes_AS_STRING(text.ptr()));
-  const int64_t n = PyBytes_GET_SIZE(text.ptr());
+  CharCursor at{reinterpret_cast<const uint8_t*>(PyBytes_AS_STRING(text.ptr())), PyBytes_GET_SIZE(text.ptr())};
   auto id = ids.unchecked<1>();
   auto bytes = blob.unchecked<1>();
   auto first = start.unchecked<1>();
@@ -150,28 +152,25 @@ py::object text_piece_spans(const py::bytes& text, const Ids& ids, const py::arr
   py::array_t<int64_t> starts(n_tok), ends(n_tok);
   int64_t* s = starts.mutable_data();
   int64_t* e = ends.mutable_data();
-  int64_t pos = 0, chars = 0;  // byte position in the text, characters begun before it
-  auto step = [&]() { chars += (raw[pos++] & 0xC0) != 0x80; };
-  auto char_at = [&](int64_t p) { return (p < n && (raw[p] & 0xC0) == 0x80) ? chars - 1 : chars; };
   for (py::ssize_t t = 0; t < n_tok; ++t) {
     const int32_t piece = id(t);
     if (piece < 0 || piece >= ok.shape(0) || !ok(piece)) return py::none();
-    s[t] = char_at(pos);
+    s[t] = at.char_at(at.pos);
     for (int64_t k = first(piece), stop = first(piece + 1); k < stop;) {
       const bool space = k + 2 < stop && bytes(k) == 0xE2 && bytes(k + 1) == 0x96 && bytes(k + 2) == 0x81 &&
-                         pos < n && raw[pos] == ' ';
+                         at.pos < at.n && at.raw[at.pos] == ' ';
       if (space) {
-        step();
+        at.step();
         k += 3;
         continue;
       }
-      if (pos >= n || raw[pos] != bytes(k)) return py::none();
-      step();
+      if (at.pos >= at.n || at.raw[at.pos] != bytes(k)) return py::none();
+      at.step();
       ++k;
     }
-    e[t] = char_at(pos);
+    e[t] = at.char_at(at.pos);
   }
-  if (pos != n) return py::none();
+  if (at.pos != at.n) return py::none();
   return py::make_tuple(starts, ends);
 }
 

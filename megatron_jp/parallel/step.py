@@ -71,7 +71,8 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.pin_memory().to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _sum(value: torch.Tensor, *groups) -> torch.Tensor:
+def sum_over(value: torch.Tensor, *groups) -> torch.Tensor:
+    """All-reduce `value` in place over each group in turn (None: a group of one)."""
     for group in groups:
         if group is not None:
             dist.all_reduce(value, group=group)
@@ -82,8 +83,22 @@ def prepare(model, micro_batches: list[dict], dims: ParallelDims) -> tuple[list[
     """Device micro-batches and the global number of predicted tokens (a device tensor: no wait)."""
     prepared = [on_host(b, model.uses_varlen) for b in micro_batches]
     local = sum(count for _, count in prepared)
-    total = _sum(torch.full((), float(local), dtype=torch.float64, device=dims.device), dims.dp_group)
+    total = sum_over(torch.full((), float(local), dtype=torch.float64, device=dims.device), dims.dp_group)
     return [_to_device(b, dims.device) for b, _ in prepared], total
+
+
+def run_chunks(model, batches: list[dict], last, train: bool):
+    """Every micro-batch through this rank's chunks (pipelined). `last(m, output)` turns the last
+    chunk's output for micro-batch m into what backward starts from: the loss in training, None
+    without gradients. A micro-batch's attention context is built once, shared by its chunks."""
+    contexts = {}
+
+    def forward_step(v, m, hidden):
+        ctx = contexts.setdefault(m, model.attention_context(batches[m]))
+        output = model.forward_chunk(v, batches[m], ctx, hidden)
+        return last(m, output) if model.is_last_chunk(v) else output.hidden
+
+    run_pipeline(model, batches, forward_step, train=train)
 
 
 def micro_batch_loss(model, output) -> torch.Tensor:
@@ -99,20 +114,16 @@ def train_step(model, optimizer, micro_batches: list[dict], dims: ParallelDims, 
     batches, total = prepare(model, micro_batches, dims)
     optimizer.zero_grad()
     scale = 1.0 / total.clamp(min=1).float()
-    contexts, losses = {}, []
+    losses = []
 
-    def forward_step(v, m, hidden):
-        ctx = contexts.setdefault(m, model.attention_context(batches[m]))
-        output = model.forward_chunk(v, batches[m], ctx, hidden)
-        if not model.is_last_chunk(v):
-            return output.hidden
+    def last(m, output):
         loss = micro_batch_loss(model, output) * scale  # this micro-batch's share of the step loss
         losses.append(loss.detach())
         return loss
 
-    run_pipeline(model, batches, forward_step, train=True)
+    run_chunks(model, batches, last, train=True)
     loss = torch.stack(losses).sum() if losses else torch.zeros((), device=dims.device)
-    loss = _sum(loss.double(), dims.pp_group, dims.dp_group)  # only last stages hold losses
+    loss = sum_over(loss.double(), dims.pp_group, dims.dp_group)  # only last stages hold losses
     grad_norm, loss, tokens = optimizer.step(lr, loss, total)
     return StepResult(loss, grad_norm, int(tokens), skipped=not (math.isfinite(loss) and math.isfinite(grad_norm)))
 
@@ -124,13 +135,8 @@ def eval_step(model, micro_batches: list[dict], dims: ParallelDims) -> EvalResul
     model.eval()
     batches, total = prepare(model, micro_batches, dims)
     stats = torch.zeros(2, dtype=torch.float64, device=dims.device)  # loss sum, correct
-    contexts = {}
 
-    def forward_step(v, m, hidden):
-        ctx = contexts.setdefault(m, model.attention_context(batches[m]))
-        output = model.forward_chunk(v, batches[m], ctx, hidden)
-        if not model.is_last_chunk(v):
-            return output.hidden
+    def last(m, output):
         decoder = model.decoder
         loss_sum, correct = linear_cross_entropy_eval(output.features, decoder.weight, decoder.bias, output.targets,
                                                       model.vocab_start, dims.tp_group)
@@ -138,8 +144,8 @@ def eval_step(model, micro_batches: list[dict], dims: ParallelDims) -> EvalResul
         stats[1] += correct
         return None
 
-    run_pipeline(model, batches, forward_step, train=False)
-    _sum(stats, dims.pp_group, dims.dp_group)
+    run_chunks(model, batches, last, train=False)
+    sum_over(stats, dims.pp_group, dims.dp_group)
     model.train(was_training)
     loss_sum, correct, tokens = torch.cat([stats, total.reshape(1)]).tolist()
     return EvalResult(loss_sum / max(tokens, 1), correct / max(tokens, 1), int(tokens))

@@ -18,7 +18,6 @@ import dataclasses
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron_jp.config import ConfigError
@@ -26,7 +25,7 @@ from megatron_jp.data.datasets import VALID
 from megatron_jp.data.loader import build_mlm_dataset
 from megatron_jp.data.masking import IGNORE_INDEX, Masker, row_randoms, select_units
 from megatron_jp.parallel.loss import vocab_parallel_argmax, vocab_parallel_cross_entropy
-from megatron_jp.parallel.pipeline import run_pipeline
+from megatron_jp.parallel.step import run_chunks, sum_over
 
 MASK_PROB = 0.15
 STREAM = 0x3A5C  # the masks' own random stream: independent of training and validation masks
@@ -80,13 +79,8 @@ class MaskedWordProbe:
                    for b in self._pipeline_multiple(dims)]
         # words right, words, tokens right, tokens, loss sum
         stats = torch.zeros(5, dtype=torch.float64, device=dims.device)
-        contexts = {}
 
-        def forward_step(v, m, hidden):
-            ctx = contexts.setdefault(m, model.attention_context(batches[m]))
-            output = model.forward_chunk(v, batches[m], ctx, hidden)
-            if not model.is_last_chunk(v):
-                return output.hidden
+        def last(m, output):
             logits = F.linear(output.features, model.decoder.weight, model.decoder.bias)  # few rows: unchunked
             right = vocab_parallel_argmax(logits, model.vocab_start, dims.tp_group) == output.targets
             losses = vocab_parallel_cross_entropy(logits, output.targets, model.vocab_start, dims.tp_group)
@@ -97,10 +91,8 @@ class MaskedWordProbe:
                                     losses.sum().double()]))
             return None
 
-        run_pipeline(model, batches, forward_step, train=False)
-        for group in (dims.pp_group, dims.dp_group):  # only last stages hold numbers; ranks saw different rows
-            if group is not None:
-                dist.all_reduce(stats, group=group)
+        run_chunks(model, batches, last, train=False)
+        sum_over(stats, dims.pp_group, dims.dp_group)  # only last stages hold numbers; ranks saw different rows
         model.train(was_training)
         words_right, words, tokens_right, tokens, loss = stats.tolist()
         return {"masked_word_accuracy": words_right / max(words, 1),

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 
@@ -64,3 +65,13 @@ def write_shard(prefix: str, docs: list, dtype=np.uint16, words: list | None = N
             ww.add_document(np.asarray(f, dtype=np.uint8))
         ww.commit()
     return prefix
+
+
+def loader_config(paths, cache_dir, **kw):
+    """The data section the loader reads, as a plain namespace: byte tokens, 64-token rows packed
+    best-fit, no whole word masking, in-process loading, index cache in `cache_dir`."""
+    base = dict(paths=paths, valid_paths="", split="90,10", tokenizer_type="ByteTokenizer", tokenizer_model="",
+                seq_length=64, packing="best_fit", mask_prob=0.15, mask_token_prob=0.8, random_token_prob=0.1,
+                whole_word_masking=False, num_workers=0, cache_dir=str(cache_dir))
+    base.update(kw)
+    return types.SimpleNamespace(**base)

@@ -5,7 +5,6 @@ import json
 import multiprocessing
 import os
 import time
-import types
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ from megatron_jp.data.indexed import IndexedDataset
 from megatron_jp.data.loader import build_data_loaders
 from megatron_jp.data.permutation import FeistelPermutation
 from megatron_jp.data.tokenizers import ByteTokenizer
-from test_data_helpers import write_shard
+from test_data_helpers import loader_config, write_shard
 
 TOK = ByteTokenizer()
 
@@ -29,12 +28,6 @@ def shard(folder, n=300, seed=0, name="s"):
     return write_shard(str(folder / name), docs)
 
 
-def config(paths, cache_dir, **kw):
-    base = dict(paths=paths, valid_paths="", split="90,10", tokenizer_type="ByteTokenizer", tokenizer_model="",
-                seq_length=64, packing="best_fit", mask_prob=0.15, mask_token_prob=0.8, random_token_prob=0.1,
-                whole_word_masking=False, num_workers=0, cache_dir=str(cache_dir))
-    base.update(kw)
-    return types.SimpleNamespace(**base)
 
 
 def first_batches(cfg, n=3):
@@ -51,7 +44,7 @@ def rows_entries(cache_dir):
 
 
 def test_second_start_maps_the_cache_without_building(tmp_path):
-    cfg = config(shard(tmp_path), tmp_path / "cache")
+    cfg = loader_config(shard(tmp_path), tmp_path / "cache")
     first, want = first_batches(cfg)
     second, got = first_batches(cfg)
     assert first.mlm.cache.built == 2 and second.mlm.cache.built == 0 and second.mlm.cache.mapped == 2
@@ -59,7 +52,7 @@ def test_second_start_maps_the_cache_without_building(tmp_path):
 
 
 def test_cache_is_rebuilt_when_a_shard_changes(tmp_path):
-    cfg = config(shard(tmp_path), tmp_path / "cache")
+    cfg = loader_config(shard(tmp_path), tmp_path / "cache")
     _, before = first_batches(cfg)
     time.sleep(0.01)
     shard(tmp_path, seed=1)  # same prefix, other documents
@@ -70,7 +63,7 @@ def test_cache_is_rebuilt_when_a_shard_changes(tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncate", "overwrite_end", "bad_manifest", "missing_array"])
 def test_damaged_entry_is_detected_and_rebuilt_never_used(tmp_path, damage, capsys):
-    cfg = config(shard(tmp_path), tmp_path / "cache")
+    cfg = loader_config(shard(tmp_path), tmp_path / "cache")
     _, want = first_batches(cfg)
     entry = tmp_path / "cache" / rows_entries(tmp_path / "cache")[0]
     offsets = entry / "offset.bin"
@@ -90,7 +83,7 @@ def test_damaged_entry_is_detected_and_rebuilt_never_used(tmp_path, damage, caps
 
 
 def test_full_verify_finds_a_byte_flipped_in_the_middle(tmp_path):
-    cfg = config(shard(tmp_path, n=3000), tmp_path / "cache", seq_length=32)
+    cfg = loader_config(shard(tmp_path, n=3000), tmp_path / "cache", seq_length=32)
     first_batches(cfg, n=1)
     entry = str(tmp_path / "cache" / rows_entries(tmp_path / "cache")[0])
     assert index_cache.verify(entry) == []
@@ -157,13 +150,13 @@ def test_the_next_builder_removes_what_a_killed_builder_left(tmp_path):
 def test_unwritable_cache_dir_is_named_with_the_key_to_set(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    cfg = config(shard(tmp_path), blocker / "cache")
+    cfg = loader_config(shard(tmp_path), blocker / "cache")
     with pytest.raises(CacheError, match="data.cache_dir"):
         first_batches(cfg)
 
 
 def test_cache_defaults_to_a_folder_next_to_the_first_shard(tmp_path):
-    cfg = config(shard(tmp_path), "")
+    cfg = loader_config(shard(tmp_path), "")
     first_batches(cfg, n=1)
     assert len(rows_entries(tmp_path / "index-cache")) == 2
 
@@ -230,7 +223,7 @@ def test_blend_of_hundreds_of_shards_keeps_every_weight_within_one_percent(tmp_p
 
 def test_summary_counts_documents_tokens_rows_and_epochs_per_source(tmp_path):
     a, b = shard(tmp_path, n=200, name="a"), shard(tmp_path, n=100, seed=1, name="b")
-    cfg = config(f"3 {a} 1 {b}", tmp_path / "cache", split="100,0")
+    cfg = loader_config(f"3 {a} 1 {b}", tmp_path / "cache", split="100,0")
     train, _ = build_data_loaders(cfg, TOK, micro_batch_size=4, dp_rank=0, dp_size=1, seed=3, global_batch_size=8)
     table = train.summary(100)
     line = next(row for row in table.splitlines() if row.endswith(a))
@@ -241,7 +234,7 @@ def test_summary_counts_documents_tokens_rows_and_epochs_per_source(tmp_path):
 
 
 def test_manifest_repeats_the_key_and_counts(tmp_path):
-    cfg = config(shard(tmp_path), tmp_path / "cache")
+    cfg = loader_config(shard(tmp_path), tmp_path / "cache")
     first_batches(cfg, n=1)
     entry = tmp_path / "cache" / rows_entries(tmp_path / "cache")[0]
     manifest = json.loads((entry / "manifest.json").read_text())

@@ -4,7 +4,6 @@ slices merged equal to one run byte for byte."""
 
 import json
 import os
-import types
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from megatron_jp.data.indexed import IndexedDataset
 from megatron_jp.data.loader import build_data_loaders
 from megatron_jp.data.sources import DataError
 from megatron_jp.data.tokenizers import ByteTokenizer
-from test_data_helpers import documents, write_jsonl, write_shard
+from test_data_helpers import documents, loader_config, write_jsonl, write_shard
 
 TOK = ByteTokenizer()
 
@@ -33,11 +32,7 @@ def byte_shard(tmp_path):
 
 
 def config(paths, cache_dir, **kw):
-    base = dict(paths=paths, valid_paths="", split="100,0", tokenizer_type="ByteTokenizer", tokenizer_model="",
-                seq_length=64, packing="best_fit", mask_prob=0.15, mask_token_prob=0.8, random_token_prob=0.1,
-                whole_word_masking=False, num_workers=0, cache_dir=str(cache_dir))
-    base.update(kw)
-    return types.SimpleNamespace(**base)
+    return loader_config(paths, cache_dir, **{"split": "100,0", **kw})
 
 
 def train_loader(cfg):

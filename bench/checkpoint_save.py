@@ -54,7 +54,8 @@ def measured_save(saver, step, model, optimizer) -> dict:
 
 
 def main():
-    from megatron_jp.config import Config, preset
+    from megatron_jp.config import Config
+    from megatron_jp.models.config import preset
     from megatron_jp.parallel import ParallelDims, build_optimizer, build_parallel_model, train_step
     from megatron_jp.parallel.testing import synthetic_micro_batches
     from megatron_jp.training.checkpoint import Checkpointer

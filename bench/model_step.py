@@ -25,7 +25,7 @@ import time
 import torch
 from transformers import AutoModelForMaskedLM
 
-from megatron_jp.config import preset
+from megatron_jp.models.config import preset
 from megatron_jp.models.encoder import build_encoder
 from megatron_jp.models.hf import export_hf
 from megatron_jp.parallel.compile import compile_blocks

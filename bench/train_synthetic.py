@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_jp.config import preset
+from megatron_jp.models.config import preset
 from megatron_jp.data import indexed
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,8 +11,8 @@ Two kinds of checks, both naming the key and the fix (ConfigError):
   size...): `validate(cfg, world_size)`, run once per run at the boundary (the CLI, after the
   vocabulary is resolved), before any process group or allocation. Builders take validated values.
 
-This module is the bottom layer of megatron_jp: it imports nothing of the package but its field types
-and the presets, which are plain dicts.
+The model's own section, `ModelConfig`, and the presets live one floor below, in models/config.py;
+this module imports nothing else of the package but the field types.
 """
 
 from __future__ import annotations
@@ -30,120 +30,20 @@ from typing import Literal
 import yaml
 
 # the field types: the sections' annotations below are resolved in this module's namespace
-from megatron_jp.config_fields import (GLU_ACTIVATIONS, Activation, Beta, ConfigError, DropoutRate,  # noqa: F401
-                                       NonNegative, NonNegativeFloat, OpenUnit, Positive, PositiveFloat,
-                                       Probability, RampUp, Range, SeqLength, Stages, check_fields, coerce,
-                                       section_fields)
-from megatron_jp.models.presets import PRESETS
+from megatron_jp.config_fields import (GLU_ACTIVATIONS, Beta, Checked, ConfigError, NonNegative,  # noqa: F401
+                                       NonNegativeFloat, OpenUnit, Positive, PositiveFloat, Probability,
+                                       RampUp, Range, SeqLength, Stages, check_fields, coerce, section_fields)
+from megatron_jp.models.config import ModelConfig, preset_fields
 
 
 # ----------------------------------------------------------------------------- sections
 
 
 @dataclass
-class ModelConfig:
-    """Architecture of the encoder. One set of fields covers Llama-style, ModernBERT and BERT shapes."""
-
-    preset: str = ""
-    """Name of a preset (megatron_jp.models.presets); fields set next to it override the preset."""
-    vocab_size: NonNegative = 0
-    """Rows of the embedding. 0: the tokenizer's size, padded to make_vocab_size_divisible_by x tensor."""
-    make_vocab_size_divisible_by: Positive = 128
-    """Padding multiple for a vocabulary taken from the tokenizer (fast matmuls, even TP shards)."""
-    hidden_size: Positive = 64
-    """Width of the residual stream."""
-    num_layers: Positive = 4
-    """Number of transformer blocks."""
-    num_heads: Positive = 4
-    """Query heads per attention layer."""
-    num_kv_heads: NonNegative = 0
-    """Key/value heads (GQA). 0: same as num_heads (multi-head attention)."""
-    head_dim: NonNegative = 0
-    """Size of each head. 0: hidden_size // num_heads."""
-    ffn_hidden_size: Positive = 128
-    """Inner width of the MLP (of each half, for gated activations)."""
-    activation: Activation = "swiglu"
-    """MLP activation: gelu (exact erf, ungated), swiglu, geglu (exact erf) or geglu_tanh."""
-    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
-    """Normalisation: rmsnorm or layernorm."""
-    norm_bias: bool = False
-    """Whether LayerNorms have a bias (BERT: yes, ModernBERT: no). Ignored for rmsnorm."""
-    norm_eps: PositiveFloat = 1e-5
-    """Epsilon of every norm."""
-    norm_position: Literal["pre", "post"] = "pre"
-    """pre: x + f(norm(x)) (Llama, ModernBERT); post: norm(x + f(x)) (classic BERT)."""
-    embedding_norm: bool = False
-    """Normalise the embedding output (BERT, ModernBERT)."""
-    first_layer_attn_norm: bool = True
-    """False drops layer 0's attention norm (ModernBERT: the embedding norm already did it)."""
-    final_norm: bool = True
-    """Normalise the last block's output (pre-norm models)."""
-    qkv_bias: bool = False
-    """Bias on the query/key/value projections."""
-    attn_out_bias: bool = False
-    """Bias on the attention output projection."""
-    mlp_bias: bool = False
-    """Biases on the MLP projections."""
-    position_embedding: Literal["rope", "learned"] = "rope"
-    """rope (rotary, rotate-half) or learned (absolute position table)."""
-    max_position_embeddings: Positive = 8192
-    """Longest sequence; the size of the learned position table."""
-    type_vocab_size: NonNegative = 0
-    """Token-type (segment A/B) embeddings; 0 for none, 2 for BERT."""
-    rope_theta: PositiveFloat = 10000.0
-    """RoPE base of global-attention layers."""
-    local_rope_theta: NonNegativeFloat = 0.0
-    """RoPE base of sliding-window layers. 0: same as rope_theta."""
-    sliding_window: NonNegative = 0
-    """Total window of local layers (128 = +-64 tokens). 0: every layer attends globally."""
-    global_attn_every_n_layers: Positive = 1
-    """Layer i is global when i % n == 0, else local (ModernBERT: 3). 1: all global."""
-    head_type: Literal["linear", "transform"] = "linear"
-    """MLM head: linear (decoder only, EuroBERT) or transform (dense -> act -> norm -> decoder)."""
-    head_activation: Literal["gelu", "gelu_tanh"] = "gelu"
-    """Activation inside a transform head: gelu (exact erf) or gelu_tanh (tanh approximation)."""
-    head_bias: bool = True
-    """Bias on the transform head's dense layer."""
-    decoder_bias: bool = True
-    """Bias on the vocabulary projection."""
-    tie_embeddings: bool = True
-    """Share the decoder weight with the token embedding."""
-    hidden_dropout: DropoutRate = 0.0
-    """Dropout on embeddings and block outputs."""
-    attention_dropout: DropoutRate = 0.0
-    """Dropout on attention probabilities. Only SDPA has it: training with it uses SDPA, which on CUDA
-    takes rows that need no mask only (one unpadded document each); the seed models use 0."""
-    init_std: PositiveFloat = 0.02
-    """Std of the normal initialisation; output projections use init_std / sqrt(2 * num_layers)."""
-    attention_backend: Literal["auto", "varlen", "flex", "sdpa"] = "auto"
-    """Kernel of packed-document and windowed attention (models/attention.py): varlen (FlashAttention
-    over the concatenated documents, CUDA), flex (block-sparse masks), sdpa (dense masks: CPU only) or
-    auto: sdpa on CPU; on CUDA varlen where torch has it, else flex."""
-
-    @property
-    def n_kv_heads(self) -> int:
-        return self.num_kv_heads or self.num_heads
-
-    @property
-    def dim_per_head(self) -> int:
-        return self.head_dim or self.hidden_size // self.num_heads
-
-    @property
-    def gated(self) -> bool:
-        return self.activation != "gelu"  # every other activation is a GLU
-
-    def is_global_layer(self, layer: int) -> bool:
-        return self.sliding_window == 0 or layer % self.global_attn_every_n_layers == 0
-
-    def layer_theta(self, layer: int) -> float:
-        if self.is_global_layer(layer):
-            return self.rope_theta
-        return self.local_rope_theta or self.rope_theta
-
-
-@dataclass
-class DataConfig:
+class DataConfig(Checked):
     """Where the tokens come from and how samples are built."""
+
+    SECTION = "data"
 
     paths: str = ""
     """Megatron-style blend: "w1 prefix1 w2 prefix2" or one prefix (e.g. data/corpus_text_document)."""
@@ -187,8 +87,10 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Checked):
     """Length and shape of training."""
+
+    SECTION = "train"
 
     steps: Positive = 100
     """Optimizer steps."""
@@ -219,8 +121,10 @@ class TrainConfig:
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Checked):
     """AdamW and its learning-rate schedule."""
+
+    SECTION = "optim"
 
     lr: PositiveFloat = 1e-3
     """Peak learning rate."""
@@ -245,8 +149,10 @@ class OptimConfig:
 
 
 @dataclass
-class ParallelConfig:
+class ParallelConfig(Checked):
     """How ranks are split: world = pipeline x data x tensor."""
+
+    SECTION = "parallel"
 
     tensor: Positive = 1
     """Tensor-parallel size (heads, MLP and vocabulary sharded)."""
@@ -275,8 +181,10 @@ class ParallelConfig:
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(Checked):
     """Distributed checkpoints."""
+
+    SECTION = "checkpoint"
 
     dir: str = ""
     """Checkpoint directory (iter_XXXXXXX/ folders and `latest`). Empty: RUN_DIR/checkpoints."""
@@ -297,24 +205,30 @@ class CheckpointConfig:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Checked):
     """Where outputs go."""
+
+    SECTION = "run"
 
     dir: str = "runs/default"
     """Run directory: metrics.jsonl, TensorBoard events, config copy."""
 
 
 @dataclass
-class LogConfig:
+class LogConfig(Checked):
     """Console and metrics logging."""
+
+    SECTION = "log"
 
     interval: Positive = 10
     """Log every N steps."""
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Checked):
     """Periodic validation."""
+
+    SECTION = "eval"
 
     interval: NonNegative = 0
     """Validate every N steps; 0 disables."""
@@ -369,19 +283,10 @@ def _build_section(cls, values: dict, section: str, source: str):
             kwargs[key] = coerce(value, fields[key], f"{section}.{key}")
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
-    return cls(**kwargs)
-
-
-def preset_fields(name: str, source: str = "config") -> dict:
-    """The ModelConfig fields of a preset (megatron_jp.models.presets)."""
-    if name not in PRESETS:
-        raise ConfigError(f"{source}: model.preset {name!r} is unknown; choose one of {', '.join(PRESETS)}")
-    return {"preset": name, **PRESETS[name]}
-
-
-def preset(name: str, **overrides) -> ModelConfig:
-    """The ModelConfig of a preset, with field overrides."""
-    return ModelConfig(**{**preset_fields(name), **overrides})
+    try:
+        return cls(**kwargs)  # checks the fields together where the section does (ModelConfig)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
 
 
 def config_from_dict(raw: dict, source: str = "config") -> Config:
@@ -472,26 +377,11 @@ def validate(cfg: Config, world_size: int):
 
 
 def validate_model(m: ModelConfig, tensor: int = 1, chunks: int = 1):
-    """The model's fields together, and against `tensor`-way sharding and `chunks` pipeline chunks."""
-    _check(m.head_dim > 0 or m.hidden_size % m.num_heads == 0,
-           f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads}); "
-           f"change one of them or set model.head_dim explicitly")
-    _check(m.num_heads % m.n_kv_heads == 0,
-           f"model.num_heads ({m.num_heads}) must be a multiple of model.num_kv_heads ({m.n_kv_heads})")
-    _check(m.position_embedding != "rope" or m.dim_per_head % 2 == 0,
-           f"RoPE needs an even head size; model.head_dim is {m.dim_per_head}")
-    _check(m.sliding_window % 2 == 0,
-           f"model.sliding_window ({m.sliding_window}) is a total window (e.g. 128 = +-64 tokens): "
-           f"use an even number, or 0 for global attention everywhere")
-    _check(m.sliding_window > 0 or m.global_attn_every_n_layers == 1,
-           f"model.global_attn_every_n_layers = {m.global_attn_every_n_layers} asks for local layers "
-           f"but model.sliding_window is 0; set model.sliding_window (e.g. 128)")
-    _check(m.attention_dropout == 0 or m.attention_backend in ("sdpa", "auto"),
-           f"model.attention_dropout needs model.attention_backend sdpa or auto ({m.attention_backend} has no "
-           f"dropout)")
+    """The model against `tensor`-way sharding and `chunks` pipeline chunks (its own shape was
+    checked when it was built)."""
     _check(m.num_heads % tensor == 0,
            f"model.num_heads ({m.num_heads}) must be divisible by parallel.tensor ({tensor})")
-    kv = m.n_kv_heads
+    kv = m.num_kv_heads
     _check(kv % tensor == 0 or tensor % kv == 0,
            f"model.num_kv_heads ({kv}) and parallel.tensor ({tensor}) must divide one another")
     _check(m.ffn_hidden_size % tensor == 0,

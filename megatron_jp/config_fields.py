@@ -195,4 +195,15 @@ def check_fields(section, name: str):
     """Every field of one section (a dataclass) against its type, choices and range; `name` is the
     section's key prefix in messages."""
     for key, ftype in section_fields(type(section)).items():
-        setattr(section, key, coerce(getattr(section, key), ftype, f"{name}.{key}"))
+        # object.__setattr__: frozen sections (ModelConfig) are checked while they are built
+        object.__setattr__(section, key, coerce(getattr(section, key), ftype, f"{name}.{key}"))
+
+
+class Checked:
+    """Base of a configuration section: building one checks every field on its own (type, choices,
+    range), so a config made in Python meets the same checks as a file or the command line."""
+
+    SECTION = ""  # the section's key prefix in messages (no annotation: not a dataclass field)
+
+    def __post_init__(self):
+        check_fields(self, self.SECTION)

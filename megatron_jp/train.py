@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from megatron_jp.training.stop import StopRequest
+    from megatron_jp.training.runtime.stop import StopRequest
 
     stop = StopRequest()  # before torch is imported: a scheduler's warning during start-up is kept
     from megatron_jp.training.train import run

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Compile every CUDA kernel family of csrc/ on any machine with nvcc, GPU or not (DESIGN.md §6).
+"""Compile every CUDA kernel family of csrc/ on any machine with nvcc, GPU or not (docs/DESIGN.md §6).
 
     python tools/check_csrc.py [--jobs 2] [--out DIR] [--family rope ...] [--csrc DIR]
 

@@ -22,7 +22,7 @@ import torch
 
 from megatron_jp.data.tokenizers import TokenizerError
 from megatron_jp.training.checkpoint import CheckpointError
-from megatron_jp.training.pseudo_perplexity import SpecialIds, encoder_scorer, hf_scorer, pseudo_perplexity
+from megatron_jp.eval.pseudo_perplexity import SpecialIds, encoder_scorer, hf_scorer, pseudo_perplexity
 
 
 class InputError(ValueError):

@@ -1,5 +1,5 @@
 // Launch plumbing shared by the .cu files: device guard, grid sizing, error reporting and dtype
-// dispatch. Torch-free by design (DESIGN.md §6): only the CUDA runtime.
+// dispatch. Torch-free by design (docs/DESIGN.md §6): only the CUDA runtime.
 #pragma once
 
 #include <cuda_bf16.h>

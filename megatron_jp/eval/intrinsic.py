@@ -26,7 +26,7 @@ import torch
 from megatron_jp.data.masking import select_units
 from megatron_jp.data.segment import build_segmenter, word_start_flags
 from megatron_jp.eval.records import EvalInputError, read_jsonl, record_id, text_field
-from megatron_jp.training.pseudo_perplexity import (SpecialIds, document_ids, document_log_likelihood,
+from megatron_jp.eval.pseudo_perplexity import (SpecialIds, document_ids, document_log_likelihood,
                                                     encoder_scorer, hf_scorer)
 
 MASK_PROB = 0.15

@@ -1,3 +1,3 @@
-"""The encoder (encoder.py), its presets (presets.py: plain dicts, read by megatron_jp.config, whose
-`preset(name)` gives a preset's ModelConfig) and its Hugging Face key maps (hf/). Nothing is imported
-here, so the config layer can read the presets beneath everything else."""
+"""The encoder (encoder.py), its configuration and presets (config.py, on the bottom floor with the
+field types: the run configuration reads it) and its Hugging Face key maps (hf/). Nothing is imported
+here, so importing models.config runs nothing else of the package."""

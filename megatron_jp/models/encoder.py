@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_jp.config import ModelConfig
+from megatron_jp.models.config import ModelConfig
 from megatron_jp.models.attention import AttentionContext, attend
 from megatron_jp.ops.glu import glu
 from megatron_jp.ops.qkv_rope import qkv_rope
@@ -81,7 +81,7 @@ class QKVProjection(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer: int, n_heads: int, n_kv_heads: int):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, cfg.dim_per_head
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, cfg.head_dim
         rows = (n_heads + 2 * n_kv_heads) * self.head_dim
         self.weight = nn.Parameter(torch.empty(rows, cfg.hidden_size))
         self.bias = nn.Parameter(torch.empty(rows)) if cfg.qkv_bias else None
@@ -108,9 +108,9 @@ class CoreAttention(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.qkv = QKVProjection(cfg, layer, cfg.num_heads, cfg.n_kv_heads)
+        self.qkv = QKVProjection(cfg, layer, cfg.num_heads, cfg.num_kv_heads)
         self.core = CoreAttention(cfg)
-        self.out = nn.Linear(cfg.num_heads * cfg.dim_per_head, cfg.hidden_size, bias=cfg.attn_out_bias)
+        self.out = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.attn_out_bias)
         self.window = 0 if cfg.is_global_layer(layer) else cfg.sliding_window
 
     def forward(self, x, ctx: AttentionContext):

@@ -7,7 +7,7 @@ GELU (ModernBERT's Wi = [input; gate]), or the tanh approximation.
 import torch
 import torch.nn.functional as F
 
-from megatron_jp.config import GLU_ACTIVATIONS
+from megatron_jp.config_fields import GLU_ACTIVATIONS
 from megatron_jp.ops import KERNEL_DTYPES, cuda_stream, load_extension
 
 _EXT = load_extension("glu")

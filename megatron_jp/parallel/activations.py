@@ -56,7 +56,7 @@ def layer_elements(cfg: Config, seq: int, tp: int, target: Target) -> dict[str, 
     """Saved elements per token of one block without recomputation, by kind: "act" in the activation
     dtype, "fp32", "bytes" (masks)."""
     m, sp = cfg.model, cfg.parallel.sequence_parallel and tp > 1
-    a, kv, d = m.num_heads // tp, max(m.n_kv_heads // tp, 1), m.dim_per_head
+    a, kv, d = m.num_heads // tp, max(m.num_kv_heads // tp, 1), m.head_dim
     f, h, r = m.ffn_hidden_size // tp, m.hidden_size, 1 / tp if sp else 1
     act = 4 * h * r + (2 * h if sp else 0)  # norms in/out; gathered matmul inputs under SP
     act += (a + 2 * kv) * d + a * d  # q, k, v; attention output
@@ -89,8 +89,8 @@ def layer_bytes(cfg: Config, seq: int, tp: int, target: Target) -> tuple[float, 
         return m.hidden_size * p / (tp if sp else 1), full
     if cfg.train.recompute == "selective":
         a = m.num_heads // tp
-        dropped = a * m.dim_per_head * p + a * 4 + (seq * 4 if target.masked_sdpa else 0)
-        return full - dropped, a * m.dim_per_head * p
+        dropped = a * m.head_dim * p + a * 4 + (seq * 4 if target.masked_sdpa else 0)
+        return full - dropped, a * m.head_dim * p
     return full, 0.0
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from megatron_jp.config import OptimConfig
+from megatron_jp.torch_compat import fused_adamw_
 
 
 def decays(param: torch.Tensor) -> bool:
@@ -49,8 +50,7 @@ def adamw_update_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg
         return
     if params[0].is_cuda if fused is None else fused:
         steps = [torch.full((), float(step), device=p.device) for p in params]
-        torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=lr, beta1=beta1, beta2=beta2,
-                            weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
+        fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps)
         return
     bias_correction1 = 1 - beta1 ** step
     bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)

@@ -1,4 +1,4 @@
-"""The rank grid and its process groups: one object, built once, passed explicitly (DESIGN.md §3.2).
+"""The rank grid and its process groups: one object, built once, passed explicitly (docs/DESIGN.md §3, principle 2).
 
 Ranks form one grid `np.arange(world).reshape(pp, dp, tp)`: tensor-parallel peers are adjacent ranks
 (one node's NVLink domain), data-parallel replicas come next and pipeline stages are the slowest axis.

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_jp.config import ModelConfig
+from megatron_jp.models.config import ModelConfig
 from megatron_jp.models.encoder import QKVProjection
 from megatron_jp.parallel.mappings import (copy_to_tensor_parallel_region, gather_from_sequence_parallel_region,
                                            reduce_from_tensor_parallel_region,
@@ -67,7 +67,7 @@ class ColumnParallelQKV(QKVProjection):
     than KV heads, each rank keeps the one KV head its query heads attend with."""
 
     def __init__(self, cfg: ModelConfig, layer: int, tp_size: int, group, sequence_parallel: bool = False):
-        super().__init__(cfg, layer, cfg.num_heads // tp_size, max(cfg.n_kv_heads // tp_size, 1))
+        super().__init__(cfg, layer, cfg.num_heads // tp_size, max(cfg.num_kv_heads // tp_size, 1))
         self.group, self.sequence_parallel = group, sequence_parallel
 
     def forward(self, x, positions):

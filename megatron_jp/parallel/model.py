@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megatron_jp.config import ModelConfig
+from megatron_jp.models.config import ModelConfig
 from megatron_jp.models.attention import AttentionContext, resolve_backend
 from megatron_jp.models.encoder import (TIED_DECODER, TIED_EMBEDDING, Encoder, MLMOutput, build_encoder,
                                         init_weights, tie)
@@ -100,6 +100,10 @@ class ParallelModel(nn.Module):
         """{full parameter name: [ShardedPiece]}: views of this rank's parameters with their place in
         the full tensor (sharding.ShardedPiece). One rank is primary for each block."""
         return {i.spec.full_name: sharded_pieces(i.param.data, i.spec, self.dims.dp_rank) for i in self.infos}
+
+    def local_tensors(self) -> dict[str, torch.Tensor]:
+        """This rank's parameters by full name, as they are (the checkpointer's finiteness check)."""
+        return {i.spec.full_name: i.param.data for i in self.infos}
 
     @torch.no_grad()
     def full_state_dict(self, dtype=torch.float32) -> dict[str, torch.Tensor]:

@@ -147,6 +147,11 @@ class DistributedOptimizer:
 
     # ------------------------------------------------------------------------------ checkpoints
 
+    def local_tensors(self) -> dict[str, torch.Tensor]:
+        """This rank's state tensors, named for messages (the checkpointer's finiteness check)."""
+        return {f"optimizer {key} (bucket {n})": getattr(shard, key)
+                for n, shard in enumerate(self.shards) for key in STATE_KEYS}
+
     def state_dict(self) -> dict:
         """This rank's state in its own layout (resume with the same tp/pp/dp and ZeRO setting)."""
         return {"step": self.step_count, "zero1": self.zero1,

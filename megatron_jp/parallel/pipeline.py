@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from megatron_jp.config import ConfigError, ModelConfig
+from megatron_jp.config import ConfigError
+from megatron_jp.models.config import ModelConfig
 from megatron_jp.models.encoder import Encoder
 
 

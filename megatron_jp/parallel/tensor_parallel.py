@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from megatron_jp.config import ModelConfig
+from megatron_jp.models.config import ModelConfig
 from megatron_jp.models.encoder import TIED_DECODER, TIED_EMBEDDING, Encoder
 from megatron_jp.parallel.layers import (ColumnParallelLinear, ColumnParallelQKV, RowParallelLinear,
                                          VocabParallelEmbedding)
-from megatron_jp.parallel.mappings import gather_from_sequence_parallel_region, scatter_to_sequence_parallel_region
+from megatron_jp.parallel.mappings import (gather_from_sequence_parallel_region,
+                                           scatter_to_sequence_parallel_region)
 from megatron_jp.parallel.random import fork_dropout_rng
 from megatron_jp.parallel.sharding import GradReduction, Piece
 
@@ -55,7 +56,7 @@ def qkv_pieces(cfg: ModelConfig, rank: int, size: int) -> tuple[Piece, ...]:
     """[q; k; v] rows of this rank. Query heads are split evenly. Key/value heads are split evenly
     when size divides them; with more ranks than KV heads, rank r holds KV head r // (size / kv), the
     one its query heads attend with, replicated on size / kv ranks (the first of them is unique)."""
-    nq, kv, d = cfg.num_heads, cfg.n_kv_heads, cfg.dim_per_head
+    nq, kv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     if kv % size == 0:
         return even_pieces([(0, nq * d), (nq * d, kv * d), ((nq + kv) * d, kv * d)], rank, size)
     q = even_pieces([(0, nq * d)], rank, size)[0]
@@ -68,7 +69,7 @@ def qkv_pieces(cfg: ModelConfig, rank: int, size: int) -> tuple[Piece, ...]:
 
 def kv_reduction(cfg: ModelConfig, rank: int, size: int, row: int) -> tuple[GradReduction, ...]:
     """The gradient sum over the ranks sharing a replicated KV head (each saw only its query heads)."""
-    kv, d = cfg.n_kv_heads, cfg.dim_per_head
+    kv, d = cfg.num_kv_heads, cfg.head_dim
     if kv % size == 0:
         return ()
     q_rows = cfg.num_heads // size * d
@@ -77,7 +78,7 @@ def kv_reduction(cfg: ModelConfig, rank: int, size: int, row: int) -> tuple[Grad
 
 def shard_attention(attn: nn.Module, cfg: ModelConfig, tp: TPContext, layer: int) -> dict[str, TPPlan]:
     prefix = f"layers.{layer}.attn"
-    d, hidden = cfg.dim_per_head, cfg.hidden_size
+    d, hidden = cfg.head_dim, cfg.hidden_size
     attn.qkv = ColumnParallelQKV(cfg, layer, tp.size, tp.group, tp.sequence_parallel)
     attn.out = RowParallelLinear(attn.qkv.n_heads * d, hidden, cfg.attn_out_bias, tp.group, tp.sequence_parallel)
     pieces = qkv_pieces(cfg, tp.rank, tp.size)

@@ -11,7 +11,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from megatron_jp.config import ModelConfig, OptimConfig
+from megatron_jp.config import OptimConfig
+from megatron_jp.models.config import ModelConfig
 from megatron_jp.models.encoder import IGNORE_INDEX, build_encoder
 from megatron_jp.parallel.adamw import torch_adamw
 

@@ -1,4 +1,4 @@
-"""Model FLOPs of a bidirectional encoder and model FLOPs utilisation (MFU), DESIGN.md §6.
+"""Model FLOPs of a bidirectional encoder and model FLOPs utilisation (MFU), docs/DESIGN.md §6.
 
 Per trained token: 6 x (matmul parameters) + 12 x layers x (heads x head_dim) x s_eff, counting the
 full attention matrix (no causal halving). s_eff is the window on local layers and sum(s_i^2)/sum(s_i)
@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import torch
 
-from megatron_jp.config import ModelConfig
+from megatron_jp.models.config import ModelConfig
 
 H100_BF16_PEAK_FLOPS = 989.4e12  # dense bf16, H100 SXM
 
 
 def matmul_params(m: ModelConfig) -> tuple[int, int]:
     """(matmul parameters of the blocks, of the MLM head: transform + decoder, which see masked tokens only)."""
-    d = m.dim_per_head
-    attn = m.hidden_size * (m.num_heads + 2 * m.n_kv_heads) * d + m.num_heads * d * m.hidden_size
+    d = m.head_dim
+    attn = m.hidden_size * (m.num_heads + 2 * m.num_kv_heads) * d + m.num_heads * d * m.hidden_size
     mlp = m.hidden_size * m.ffn_hidden_size * (3 if m.gated else 2)
     head = m.hidden_size * m.hidden_size if m.head_type == "transform" else 0
     return m.num_layers * (attn + mlp), head + m.hidden_size * m.vocab_size
@@ -41,7 +41,7 @@ def flops_per_token(m: ModelConfig, s_eff: float, predicted_fraction: float) -> 
     attention = 0.0
     for layer in range(m.num_layers):
         span = s_eff if m.is_global_layer(layer) else min(m.sliding_window + 1, s_eff)
-        attention += 12 * m.num_heads * m.dim_per_head * span
+        attention += 12 * m.num_heads * m.head_dim * span
     return 6 * blocks + 6 * decoder * predicted_fraction + attention
 
 

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,13 +49,14 @@ def resolve_vocab(cfg: Config, start: Start | None = None, require_tokenizer: bo
     run of a preset that fixes its vocabulary may name a tokenizer that is not on this machine yet
     (planning a cluster run): then the check is skipped with a note instead of failing.
     """
-    m, d = cfg.model, cfg.data
-    if start is not None and m.vocab_size == 0:
-        m.vocab_size = read_config(start.path).model.vocab_size
-        tensor = cfg.parallel.tensor
-        if m.vocab_size % tensor:
-            raise ConfigError(f"{start.path} has {m.vocab_size} vocabulary rows, not divisible by parallel.tensor "
-                              f"({tensor}): resume with a tensor-parallel size that divides it")
+    d = cfg.data
+    if start is not None and cfg.model.vocab_size == 0:
+        rows = read_config(start.path).model.vocab_size
+        if rows % cfg.parallel.tensor:
+            raise ConfigError(f"{start.path} has {rows} vocabulary rows, not divisible by parallel.tensor "
+                              f"({cfg.parallel.tensor}): resume with a tensor-parallel size that divides it")
+        cfg.model = dataclasses.replace(cfg.model, vocab_size=rows)
+    m = cfg.model
     needs_file = d.tokenizer_type != "ByteTokenizer"
     if m.vocab_size == 0 and needs_file and not os.path.exists(d.tokenizer_model):
         raise ConfigError(f"model.vocab_size is 0 (take it from the tokenizer) but data.tokenizer_model "
@@ -67,5 +69,6 @@ def resolve_vocab(cfg: Config, start: Start | None = None, require_tokenizer: bo
             return
     tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model)
     if m.vocab_size == 0:
-        m.vocab_size = padded_vocab_size(tokenizer.vocab_size, m, cfg.parallel.tensor)
+        rows = padded_vocab_size(tokenizer.vocab_size, m, cfg.parallel.tensor)
+        cfg.model = m = dataclasses.replace(m, vocab_size=rows)
     check_vocab(m, tokenizer.vocab_size, d.tokenizer_model or d.tokenizer_type)

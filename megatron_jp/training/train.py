@@ -37,16 +37,17 @@ from megatron_jp.parallel import (ParallelDims, StepResult, build_optimizer, bui
                                   init_process_group, launch_env, train_step)
 from megatron_jp.parallel.compile import compile_enabled, use_compile_cache
 from megatron_jp.parallel.memory import memory_warning
-from megatron_jp.training import environment, schedules
+from megatron_jp.training.runtime import environment
+from megatron_jp.training import schedules
 from megatron_jp.training.checkpoint import Checkpointer, CheckpointError, checkpoint_bytes
 from megatron_jp.training.flops import effective_seq_length, flops_per_token, mfu
 from megatron_jp.training.metrics import MetricsWriter, console_line
 from megatron_jp.training.probe import MaskedWordProbe, build_dataset
-from megatron_jp.training.run_lock import LockedError, hold_run_dirs
+from megatron_jp.training.runtime.run_lock import LockedError, hold_run_dirs
 from megatron_jp.training.schedules import Curricula
 from megatron_jp.training.startup import Start, checkpoint_dir, resolve_vocab, starting_checkpoint
-from megatron_jp.training.stop import StopRequest
-from megatron_jp.training.watchdog import NullWatchdog, Watchdog
+from megatron_jp.training.runtime.stop import StopRequest
+from megatron_jp.training.runtime.watchdog import NullWatchdog, Watchdog
 
 
 class TrainingAborted(RuntimeError):

@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 
-from megatron_jp.training import checkpoint
+from megatron_jp.training.checkpoint import checkpointer as checkpoint  # where the faults are injected
 
 FAULT_STEP = 10
 

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_jp.config import Config, OptimConfig
-from megatron_jp.config import preset
+from megatron_jp.models.config import preset
 from megatron_jp.models.encoder import build_encoder
 from megatron_jp.parallel import (ParallelDims, assemble_full, build_optimizer, build_parallel_model, eval_step,
                                   memory_breakdown, train_step)

@@ -12,13 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_jp.config import Config, preset
+from megatron_jp.config import Config
+from megatron_jp.models.config import preset
 from megatron_jp.models.attention import AttentionContext
 from megatron_jp.models.encoder import MLP, Attention, Block, layer_windows
 from megatron_jp.parallel.data_parallel import sum_model_parallel
 from megatron_jp.parallel.dims import ParallelDims
 from megatron_jp.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-from megatron_jp.parallel.loss import linear_cross_entropy, vocab_parallel_argmax, vocab_parallel_cross_entropy
+from megatron_jp.parallel.loss import (linear_cross_entropy, vocab_parallel_argmax,
+                                       vocab_parallel_cross_entropy)
 from megatron_jp.parallel.mappings import split_seq
 from megatron_jp.parallel.random import TensorParallelRandom
 from megatron_jp.parallel.sharding import ShardSpec

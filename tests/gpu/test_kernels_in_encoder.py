@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megatron_jp.config import preset
+from megatron_jp.models.config import preset
 from megatron_jp.models.encoder import build_encoder, masked_lm_loss
 from megatron_jp.ops import glu as glu_module
 from megatron_jp.ops import qkv_rope as qkv_module

@@ -82,7 +82,7 @@ def test_ctrl_c_saves_a_checkpoint_at_the_current_step_and_exits_cleanly(data, t
 
 
 def test_a_second_run_on_the_same_run_dir_is_refused_before_training_naming_host_and_pid(data, tmp_path):
-    # the lock of a live run (this test process), as training/run_lock.py writes it
+    # the lock of a live run (this test process), as training/runtime/run_lock.py writes it
     (tmp_path / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                                                 "what": "a training run", "started": "now"}))
     result = train(base_args(data, tmp_path), timeout_s=120)

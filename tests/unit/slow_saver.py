@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 from megatron_jp.config import Config
-from megatron_jp.config import preset
+from megatron_jp.models.config import preset
 from megatron_jp.parallel import ParallelDims, build_optimizer, build_parallel_model
-from megatron_jp.training import checkpoint, ckpt_store, dcp_pieces
+from megatron_jp.training import checkpoint
+from megatron_jp.training.checkpoint import dcp_pieces, store
 
 SLOW_STEP = 2
 
@@ -36,14 +37,14 @@ def slow_down(where: str, marker: Path, step: list[int]):
 
         dcp_pieces.StreamingWriter.write_data = slow_write_data
     else:
-        write_durably = ckpt_store._write_durably
+        write_durably = store._write_durably
 
         def slow_write_durably(path, text):
-            if step[0] == SLOW_STEP and path.name == f".{checkpoint.LATEST}.tmp":
+            if step[0] == SLOW_STEP and path.name == f".{store.LATEST}.tmp":
                 stall(marker)
             write_durably(path, text)
 
-        ckpt_store._write_durably = slow_write_durably
+        store._write_durably = slow_write_durably
 
 
 def main(ckpt_dir: str, marker: str, where: str):

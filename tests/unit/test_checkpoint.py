@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from megatron_jp.config import Config, OptimConfig
-from megatron_jp.config import preset
+from megatron_jp.models.config import preset
 from megatron_jp.models.encoder import build_encoder
-from megatron_jp.parallel import ParallelDims, assemble_full, build_optimizer, build_parallel_model, train_step
+from megatron_jp.parallel import (ParallelDims, assemble_full, build_optimizer, build_parallel_model,
+                                  train_step)
 from megatron_jp.parallel.testing import synthetic_micro_batches
 from megatron_jp.training.checkpoint import (CheckpointError, Checkpointer, find_latest, load_model_state,
                                              save_model_checkpoint)
@@ -103,7 +104,7 @@ def test_checkpoint_round_trip_restores_model_and_optimizer_bit_for_bit_and_trai
 
 
 def test_fp32_checkpoint_stores_no_master_copy_and_bf16_does_and_a_tied_decoder_is_stored_once(tmp_path):
-    from megatron_jp.training.dcp_pieces import saved_shapes
+    from megatron_jp.training.checkpoint.dcp_pieces import saved_shapes
 
     cfg = tiny_config(tie_embeddings=True)
     for precision in ("fp32", "bf16"):

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from megatron_jp.config import Config
-from megatron_jp.training import dcp_pieces
+from megatron_jp.training.checkpoint import dcp_pieces
 from megatron_jp.training.checkpoint import (CheckpointError, Checkpointer, find_latest, load_model_state,
                                              save_model_checkpoint)
 from megatron_jp.training.startup import starting_checkpoint
@@ -131,7 +131,7 @@ def test_a_save_of_non_finite_weights_is_refused_and_the_last_good_checkpoint_st
 
 
 def test_a_checkpoint_holding_non_finite_weights_is_refused_on_load(tmp_path):
-    from megatron_jp.training.checkpoint import _save_model_checkpoint
+    from megatron_jp.training.checkpoint.checkpointer import _save_model_checkpoint
 
     cfg = tiny_config()
     state = weights(cfg)
@@ -144,7 +144,7 @@ def test_a_checkpoint_holding_non_finite_weights_is_refused_on_load(tmp_path):
 
 
 def _rewrite_manifest(folder, report):
-    from megatron_jp.training import manifest
+    from megatron_jp.training.checkpoint import manifest
 
     info = json.loads((folder / "meta.json").read_text())
     info["files"] = manifest.build(folder, report.files)
@@ -202,9 +202,9 @@ def test_pseudo_perplexity_refuses_a_folder_with_remote_code_unless_trust_remote
 
 
 def test_a_second_owner_of_a_folder_is_refused_naming_host_and_pid(tmp_path):
-    from megatron_jp.training.run_lock import DirLock, LockedError
+    from megatron_jp.training.runtime.run_lock import DirLock, LockedError
 
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from megatron_jp.training.run_lock import "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from megatron_jp.training.runtime.run_lock import "
                                "DirLock; DirLock(sys.argv[1], 'a training run').acquire(); print('held', flush=True); "
                                "time.sleep(60)", str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
@@ -222,7 +222,7 @@ def test_a_second_owner_of_a_folder_is_refused_naming_host_and_pid(tmp_path):
 
 
 def test_a_lock_whose_heartbeat_stopped_is_stale_even_on_another_host(tmp_path):
-    from megatron_jp.training.run_lock import DirLock, LockedError
+    from megatron_jp.training.runtime.run_lock import DirLock, LockedError
 
     (tmp_path / ".lock").write_text(json.dumps({"host": "elsewhere", "pid": 1, "what": "a run"}))
     with pytest.raises(LockedError, match="host elsewhere, pid 1"):
@@ -235,7 +235,7 @@ def test_a_lock_whose_heartbeat_stopped_is_stale_even_on_another_host(tmp_path):
 
 
 def test_a_tool_cannot_write_into_a_checkpoint_dir_a_run_holds(tmp_path):
-    from megatron_jp.training.run_lock import DirLock
+    from megatron_jp.training.runtime.run_lock import DirLock
 
     cfg = tiny_config()
     with DirLock(tmp_path, "a training run"):
@@ -304,7 +304,7 @@ def test_a_checkpoint_dir_without_room_for_one_checkpoint_is_refused_before_the_
 
 
 def test_a_read_only_checkpoint_dir_is_refused_before_the_first_step_naming_erofs(tmp_path, monkeypatch):
-    from megatron_jp.training import checkpoint
+    from megatron_jp.training.checkpoint import checkpointer as checkpoint
 
     def read_only(path, data):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))

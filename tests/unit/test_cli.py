@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from megatron_jp.config import Config
-from megatron_jp.config import preset
+from megatron_jp.models.config import preset
 from megatron_jp.models.encoder import build_encoder
 from megatron_jp.train import main as train_main
 from megatron_jp.training.checkpoint import save_model_checkpoint

@@ -5,7 +5,7 @@ change); Inductor's code generation is the GPU check's."""
 import torch
 import torch._dynamo
 
-from megatron_jp.config import preset
+from megatron_jp.models.config import preset
 from megatron_jp.models.attention import AttentionContext
 from megatron_jp.models.encoder import build_encoder
 from megatron_jp.parallel.compile import compile_blocks

@@ -5,8 +5,9 @@ import dataclasses
 import pytest
 import yaml
 
-from megatron_jp.config import (Config, ConfigError, ModelConfig, RampUp, config_from_dict, describe, field_docs,
+from megatron_jp.config import (Config, ConfigError, RampUp, TrainConfig, config_from_dict, describe, field_docs,
                                 load_config, padded_vocab_size, section_fields, to_yaml, validate)
+from megatron_jp.models.config import ModelConfig, preset
 
 
 def checked(overrides: list[str], world_size: int = 1):
@@ -138,15 +139,23 @@ def test_every_numeric_key_refuses_its_out_of_range_values_naming_the_key(name, 
     for value in out_of_range(ftype):
         with pytest.raises(ConfigError, match=rf"{name}\.{key} = .* out of range"):
             load_config(None, [f"--{name}.{key}", str(value)])
-        cfg = Config()  # a value set after building is caught by validate
-        setattr(getattr(cfg, name), key, value)
-        with pytest.raises(ConfigError, match=rf"{name}\.{key}"):
-            validate(cfg, 1)
+        section = type(getattr(Config(), name))
+        with pytest.raises(ConfigError, match=rf"{name}\.{key} = .* out of range"):
+            section(**{key: value})  # built in Python: the same check as the command line
+        if not section.__dataclass_params__.frozen:
+            cfg = Config()  # a value set after building is caught by validate
+            setattr(getattr(cfg, name), key, value)
+            with pytest.raises(ConfigError, match=rf"{name}\.{key}"):
+                validate(cfg, 1)
 
 
 def test_choices_come_from_the_literal_types():
     with pytest.raises(ConfigError, match="model.norm = 'batchnorm'; choose one of rmsnorm, layernorm"):
         load_config(None, ["--model.norm", "batchnorm"])
+    with pytest.raises(ConfigError, match="model.head_activation = 'silu'; choose one of gelu, gelu_tanh"):
+        preset("tiny-modernbert", head_activation="silu")  # built in Python: checked as the CLI checks
+    with pytest.raises(ConfigError, match="train.precision = 'fp16'; choose one of"):
+        TrainConfig(precision="fp16")
     assert section_fields(ModelConfig)["activation"].choices == ("gelu", "swiglu", "geglu", "geglu_tanh")
 
 

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from megatron_jp.config import preset
+from megatron_jp.models.config import preset
 from megatron_jp.models.encoder import MLMHead, build_encoder
 from megatron_jp.parallel.testing import synthetic_micro_batches
 

@@ -22,7 +22,7 @@ from megatron_jp.config import Config
 from megatron_jp.data.tokenizers import build_tokenizer, save_hf_tokenizer
 from megatron_jp.models.encoder import build_encoder
 from megatron_jp.models.hf import export_hf
-from megatron_jp.config import preset
+from megatron_jp.models.config import preset
 from megatron_jp.training.checkpoint import save_model_checkpoint
 from test_data_helpers import train_spm
 

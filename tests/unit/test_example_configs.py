@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from megatron_jp.models.presets import REPORTED_PARAMS
+from megatron_jp.models.config import REPORTED_PARAMS
 from megatron_jp.train import main as train_main
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

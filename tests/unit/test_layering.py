@@ -1,5 +1,5 @@
 """The package imports in one direction: no module of megatron_jp imports, directly or through
-others, a module that imports it back, and the layers stack as DESIGN.md draws them."""
+others, a module that imports it back, and the layers stack as docs/DESIGN.md §2 draws them."""
 
 import ast
 from pathlib import Path
@@ -12,8 +12,10 @@ PACKAGE = Path(megatron_jp.__file__).parent
 # package with everything in it, "x" one module (or a package's __init__); an exact name beats a
 # package, a longer package beats a shorter one.
 LAYERS = [
-    {"megatron_jp", "megatron_jp.models", "megatron_jp.models.presets", "megatron_jp.files"},  # stdlib only
-    {"megatron_jp.config", "megatron_jp.config_fields"},
+    {"megatron_jp", "megatron_jp.models", "megatron_jp.files", "megatron_jp.config_fields",
+     "megatron_jp.torch_compat"},  # stdlib and torch only
+    {"megatron_jp.models.config"},
+    {"megatron_jp.config"},
     {"megatron_jp.ops.*", "megatron_jp.models.*"},
     {"megatron_jp.data.*"},
     {"megatron_jp.parallel.*"},

@@ -6,7 +6,8 @@ not a replay; it must stay within 20% so that its warnings mean something."""
 import pytest
 import torch
 
-from megatron_jp.config import Config, preset
+from megatron_jp.config import Config
+from megatron_jp.models.config import preset
 from megatron_jp.parallel import ParallelDims, build_parallel_model
 from megatron_jp.parallel.activations import CPU, head_bytes, stage_activation_bytes
 from megatron_jp.parallel.memory import estimate_memory, memory_warning

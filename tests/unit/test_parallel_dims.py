@@ -4,7 +4,8 @@ any group exists."""
 import numpy as np
 import pytest
 
-from megatron_jp.config import Config, ConfigError, preset, validate
+from megatron_jp.config import Config, ConfigError, validate
+from megatron_jp.models.config import preset
 from megatron_jp.parallel.dims import ParallelDims, launch_env, rank_grid
 
 

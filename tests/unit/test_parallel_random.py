@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from megatron_jp.config import preset
+from megatron_jp.models.config import preset
 from megatron_jp.models.encoder import Block
 from megatron_jp.parallel.random import TensorParallelRandom, fork_dropout_rng, tensor_parallel_rng
 

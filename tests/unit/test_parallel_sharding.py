@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from megatron_jp.config import preset
+from megatron_jp.models.config import preset
 from megatron_jp.parallel.dims import ParallelDims
 from megatron_jp.parallel.model import build_parallel_model, full_shapes
 
@@ -37,7 +37,7 @@ def test_unique_pieces_tile_every_full_tensor_exactly_once(name, kv, tp, pp, vpp
 
 def test_kv_heads_replicated_over_tensor_ranks_hold_the_head_their_query_heads_use():
     cfg = preset("tiny", vocab_size=128, num_kv_heads=1)  # 4 query heads, 1 KV head, tp = 4
-    d = cfg.dim_per_head
+    d = cfg.head_dim
     full = torch.arange(math.prod((6 * d, 64))).view(6 * d, 64).float()
     for dims, infos in _layout_infos(cfg, tp=4, pp=1):
         qkv = next(i for i in infos if i.local_name == "layers.0.attn.qkv.weight")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from megatron_jp.config import Config, OptimConfig
-from megatron_jp.config import preset
+from megatron_jp.models.config import preset
 from megatron_jp.models.encoder import build_encoder
 from megatron_jp.parallel import (ParallelDims, build_optimizer, build_parallel_model, eval_step, memory_breakdown,
                                   train_step)

@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForMaskedLM
 
-from megatron_jp.config import preset
+from megatron_jp.models.config import preset
 from megatron_jp.models.encoder import build_encoder
 from megatron_jp.models.hf import export_hf
-from megatron_jp.training.pseudo_perplexity import (SpecialIds, document_ids, encoder_scorer, hf_scorer,
+from megatron_jp.eval.pseudo_perplexity import (SpecialIds, document_ids, encoder_scorer, hf_scorer,
                                                     pseudo_perplexity)
 
 SPECIAL = SpecialIds(cls=1, sep=2, mask=3)

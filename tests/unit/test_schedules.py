@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from megatron_jp.config import ConfigError, OptimConfig, RampUp, Stages, preset
+from megatron_jp.config import ConfigError, OptimConfig, RampUp, Stages
+from megatron_jp.models.config import preset
 from megatron_jp.training.flops import effective_seq_length, flops_per_token, matmul_params, mfu
 from megatron_jp.training.schedules import BatchSizeSchedule, StagedSchedule, global_batch_size, learning_rate
 

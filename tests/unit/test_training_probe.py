@@ -10,7 +10,7 @@ from megatron_jp.data import preprocess
 from megatron_jp.data.tokenizers import ByteTokenizer
 from megatron_jp.training.probe import MaskedWordProbe, build_dataset
 from megatron_jp.models.encoder import build_encoder
-from megatron_jp.config import preset
+from megatron_jp.models.config import preset
 from megatron_jp.parallel import ParallelDims, build_parallel_model
 from test_data_helpers import documents, write_jsonl
 

@@ -7,8 +7,8 @@ import time
 import pytest
 
 from megatron_jp.config import ConfigError, load_config
-from megatron_jp.training.environment import format_summary, summarize
-from megatron_jp.training.watchdog import Beat, TimedStore, Watchdog, diagnose
+from megatron_jp.training.runtime.environment import format_summary, summarize
+from megatron_jp.training.runtime.watchdog import Beat, TimedStore, Watchdog, diagnose
 
 STORE = "node1:29500"
 

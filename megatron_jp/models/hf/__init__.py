@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from megatron_jp.config import ModelConfig
+from megatron_jp.models.config import ModelConfig
 from megatron_jp.files import move_into, scratch_dir
 from megatron_jp.models.encoder import build_encoder, tie
 from megatron_jp.models.hf import bert, custom, eurobert, modernbert

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from megatron_jp.config import ModelConfig
+from megatron_jp.models.config import ModelConfig
 from megatron_jp.models.hf.keymap import Entry, unmet, linear, norm, one, qkv_sizes, split
 
 ARCHITECTURE = "BertForMaskedLM"
@@ -25,8 +25,8 @@ def unsupported(cfg: ModelConfig) -> str | None:
         "head_type=transform with decoder bias": cfg.head_type == "transform" and cfg.decoder_bias,
         "head_activation=gelu": cfg.head_activation == "gelu",
         "tied embeddings": cfg.tie_embeddings,
-        "multi-head attention (num_kv_heads = num_heads)": cfg.n_kv_heads == cfg.num_heads,
-        "head_dim = hidden_size / num_heads": cfg.dim_per_head * cfg.num_heads == cfg.hidden_size,
+        "multi-head attention (num_kv_heads = num_heads)": cfg.num_kv_heads == cfg.num_heads,
+        "head_dim = hidden_size / num_heads": cfg.head_dim * cfg.num_heads == cfg.hidden_size,
     }, ARCHITECTURE)
 
 

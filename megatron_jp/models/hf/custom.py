@@ -2,9 +2,9 @@
 -> self-contained modeling code loaded through `auto_map` with trust_remote_code=True.
 
 The code is generated from our own modules (parts()), so the export cannot drift from the model we
-train: the pure-torch reference ops, ModelConfig, the attention layouts, the encoder and the
-transformers wrapper, with
-their megatron_jp imports removed through the syntax tree (any import form, multi-line ones too).
+train: the pure-torch reference ops, the model's configuration (models/config.py and the field
+types it checks with, as they are), the attention layouts, the encoder and the transformers wrapper,
+with their megatron_jp imports removed through the syntax tree (any import form, multi-line ones too).
 Every name those imports bound must be defined in the generated file, and the file must compile:
 both are checked at export time, not when a user loads the folder.
 """
@@ -15,8 +15,9 @@ import ast
 import dataclasses
 from dataclasses import dataclass
 
-from megatron_jp import config as config_module
-from megatron_jp.config import ModelConfig
+from megatron_jp import config_fields as fields_module
+from megatron_jp.models import config as model_config_module
+from megatron_jp.models.config import ModelConfig
 from megatron_jp.models import attention as attention_module
 from megatron_jp.models import encoder as encoder_module
 from megatron_jp.models.hf import remote_wrapper
@@ -79,7 +80,8 @@ def parts() -> list[Part]:
                  ("inverse_frequencies", "rope_cos_sin", "rotate_half", "rope_reference")),
             Part(glu_module.__name__, _source(glu_module), ("glu_reference",)),
             Part(qkv_module.__name__, _source(qkv_module), ("qkv_rope_reference",)),
-            Part(config_module.__name__, _source(config_module), ("ModelConfig",)),
+            Part(fields_module.__name__, _source(fields_module)),
+            Part(model_config_module.__name__, _source(model_config_module)),
             Part(attention_module.__name__, _source(attention_module)),
             Part(encoder_module.__name__, _source(encoder_module)),
             Part(remote_wrapper.__name__, _source(remote_wrapper))]
@@ -127,7 +129,7 @@ def _split(part: Part):
 
 def _used(node: ast.AST) -> set[str]:
     """Names the code reads at run time. Annotations are left out: under `from __future__ import
-    annotations` they stay strings (ModelConfig's field types need not exist in the export)."""
+    annotations` they stay strings, resolved only by the config's field checks."""
     names, todo = set(), [node]
     while todo:
         n = todo.pop()

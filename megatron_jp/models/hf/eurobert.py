@@ -6,7 +6,7 @@ zero biases where it has none. Its MLM head is one Linear whose bias follows `ml
 
 from __future__ import annotations
 
-from megatron_jp.config import ModelConfig
+from megatron_jp.models.config import ModelConfig
 from megatron_jp.models.hf.keymap import Entry, unmet, one, qkv_sizes, split
 
 ARCHITECTURE = "EuroBertForMaskedLM"
@@ -34,8 +34,8 @@ def hf_config(cfg: ModelConfig, special: dict) -> dict:
     return {
         "architectures": [ARCHITECTURE], "model_type": MODEL_TYPE,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.dim_per_head, "intermediate_size": cfg.ffn_hidden_size, "hidden_act": "silu",
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim, "intermediate_size": cfg.ffn_hidden_size, "hidden_act": "silu",
         "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "attention_bias": cfg.qkv_bias or cfg.attn_out_bias, "mlp_bias": cfg.mlp_bias,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_jp.config import ModelConfig
+from megatron_jp.models.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,8 @@ def split(ours: str, hf: tuple[str, ...], sizes: tuple[int, ...]) -> Entry:
 
 
 def qkv_sizes(cfg: ModelConfig) -> tuple[int, int, int]:
-    d = cfg.dim_per_head
-    return cfg.num_heads * d, cfg.n_kv_heads * d, cfg.n_kv_heads * d
+    d = cfg.head_dim
+    return cfg.num_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d
 
 
 def to_hf_state(entries: list[Entry], ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ transformers 4.48+ and 5.x both read.
 
 from __future__ import annotations
 
-from megatron_jp.config import ModelConfig
+from megatron_jp.models.config import ModelConfig
 from megatron_jp.models.hf.keymap import Entry, unmet, linear, norm, one
 
 ARCHITECTURE = "ModernBertForMaskedLM"
@@ -29,8 +29,8 @@ def unsupported(cfg: ModelConfig) -> str | None:
         "final_norm": cfg.final_norm,
         "no token types": cfg.type_vocab_size == 0,
         "head_type=transform": cfg.head_type == "transform",
-        "multi-head attention (num_kv_heads = num_heads)": cfg.n_kv_heads == cfg.num_heads,
-        "head_dim = hidden_size / num_heads": cfg.dim_per_head * cfg.num_heads == cfg.hidden_size,
+        "multi-head attention (num_kv_heads = num_heads)": cfg.num_kv_heads == cfg.num_heads,
+        "head_dim = hidden_size / num_heads": cfg.head_dim * cfg.num_heads == cfg.hidden_size,
         "qkv_bias == attn_out_bias": cfg.qkv_bias == cfg.attn_out_bias,
     }, ARCHITECTURE)
 

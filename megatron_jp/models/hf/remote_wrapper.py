@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
 
-from megatron_jp.config import ModelConfig  # noqa: F401  (the export inlines these)
+from megatron_jp.models.config import ModelConfig  # noqa: F401  (the export inlines these)
 from megatron_jp.models.encoder import Encoder
 
 

@@ -1,40 +1,5 @@
-"""Checkpoints: the layout (DESIGN.md §4), atomic publishing, the distributed Checkpointer and the
-model-state readers used by the converters.
-
-    CKPT_DIR/latest                         text: the name of the last complete iteration folder
-    CKPT_DIR/iter_0000100/.metadata         torch.distributed.checkpoint (DCP) files. Tensors under
-    CKPT_DIR/iter_0000100/__<rank>_0.distcp   "model.<full name>" (the single-process Encoder's names and
-                                              shapes; a tied decoder once, under the embedding's name) and
-                                              "optim.{exp_avg,exp_avg_sq,master}.<full name>" (master
-                                              only when parameters are not fp32: otherwise the
-                                              parameter is the master)
-    CKPT_DIR/iter_0000100/rank_state/rank_00003.pt   each rank's own state (RNG, ...), torch.save
-    CKPT_DIR/iter_0000100/config.yaml       the run configuration
-    CKPT_DIR/iter_0000100/meta.json         {"meta": the caller's (step, consumed samples, ...),
-                                              "world_size", "layout", "optimizer_step", "run_id",
-                                              "files": {relative path: {"bytes", "sha256"}} of every
-                                              data file, .metadata included (training/manifest.py)}
-
-Publishing: every rank writes into CKPT_DIR/.iter_0000100.tmp; when all have finished, rank 0 writes
-config.yaml and meta.json, renames the folder to iter_0000100, replaces `latest` (temporary file +
-os.replace) and prunes old iterations. A process killed at any point leaves `latest` naming the
-previous complete folder; leftover .tmp folders are removed by the next save (the run holds the
-directory's lock, training/run_lock.py, so they are not another run's). Saving the same step twice
-replaces the folder only if this run wrote it.
-
-Nothing is lost: a save is refused when the weights or optimizer moments are not finite (the
-previous checkpoint stays `latest`); pruning deletes only folders this run wrote (its run_id, carried
-over by resumes), never the newest one with finite weights; a directory holding iter_* folders but
-no `latest` is refused with a listing instead of being started over (and pruned) at step 0.
-
-Nothing is trusted: reading refuses, with CheckpointError naming the file, a data file missing, of
-another size or another SHA-256 than meta.json records (checked before any tensor or the .metadata
-pickle is read), a missing or invalid config.yaml or meta.json, a `latest` that is not a text file
-naming a complete folder, non-finite weights, and a model whose parameter shapes differ from the
-current config. config.yaml is not in the manifest: it may be edited (e.g. to point at a moved
-tokenizer). A checkpoint folder is as trusted as a pickle: DCP's .metadata is one. It is unpickled
-with only DCP's own classes allowed (dcp_pieces.SafeReader) and its hash checked first, but whoever
-can write the folder can also rewrite meta.json: load checkpoints only from people you trust.
+"""The distributed Checkpointer and the single-process model-state writer and reader used by the tools.
+The layout and the guarantees are described in megatron_jp/training/checkpoint/__init__.py.
 """
 
 from __future__ import annotations
@@ -58,14 +23,15 @@ from megatron_jp.config import Config
 from megatron_jp.files import remove_quietly
 from megatron_jp.models.encoder import tie, untie
 from megatron_jp.parallel.model import full_shapes
-from megatron_jp.training import dcp_pieces
-from megatron_jp.training.ckpt_store import (  # noqa: F401  (re-exported: the checkpoint API in one place)
-    CONFIG, LATEST, META, MODEL_PREFIX, MOMENTS, OPTIM_PREFIX, RANK_STATE, CheckpointError, check_files,
-    check_same_shapes, find_latest, iteration_folders, iteration_name, new_run_id, non_finite_names, publish,
-    prune, read_config, read_meta, refuse_foreign, resolve_checkpoint, saved_shapes, start_folder,
-    write_metadata, _listing, _read_error, _write_error)
-from megatron_jp.training.manifest import write_durably
-from megatron_jp.training.run_lock import DirLock, LockedError
+from megatron_jp.training.checkpoint import dcp_pieces
+from megatron_jp.training.checkpoint.store import (LATEST, MODEL_PREFIX, MOMENTS, OPTIM_PREFIX, RANK_STATE,
+                                                   CheckpointError, check_files, check_same_shapes,
+                                                   iteration_folders, iteration_name, listing, new_run_id,
+                                                   non_finite_names, publish, read_config, read_error, read_meta,
+                                                   refuse_foreign, resolve_checkpoint, saved_shapes, start_folder,
+                                                   write_error, write_metadata)
+from megatron_jp.training.checkpoint.manifest import write_durably
+from megatron_jp.training.runtime.run_lock import DirLock, LockedError
 
 # single-process save/load of DCP (converters, tools) is intended, not a forgotten init_process_group
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -99,7 +65,7 @@ def save_model_checkpoint(ckpt_dir: str | os.PathLike, step: int, cfg: Config, s
     except LockedError as e:
         raise CheckpointError(str(e)) from None
     except OSError as e:
-        raise _write_error(ckpt_dir, e) from None
+        raise write_error(ckpt_dir, e) from None
 
 
 def _save_model_checkpoint(ckpt_dir: Path, step: int, cfg: Config, state: dict, meta, into_existing: bool) -> Path:
@@ -107,7 +73,7 @@ def _save_model_checkpoint(ckpt_dir: Path, step: int, cfg: Config, state: dict, 
     has_latest = os.path.lexists(ckpt_dir / LATEST)
     if (existing or has_latest) and not into_existing:
         raise CheckpointError(
-            f"{ckpt_dir} already holds checkpoints ({_listing(existing) or LATEST}): a tool does not write into a "
+            f"{ckpt_dir} already holds checkpoints ({listing(existing) or LATEST}): a tool does not write into a "
             f"run's checkpoint directory. Choose a new --output, or pass --iteration N to add iter_N beside them "
             f"(`latest` stays as it is)")
     final = ckpt_dir / iteration_name(step)
@@ -122,7 +88,7 @@ def _save_model_checkpoint(ckpt_dir: Path, step: int, cfg: Config, state: dict, 
         write_metadata(tmp, cfg, info, report.files)
     except (Exception, CheckpointException) as e:
         remove_quietly(tmp)
-        raise _write_error(tmp, e) from None
+        raise write_error(tmp, e) from None
     return publish(ckpt_dir, tmp, step, keep=0, point_latest=not has_latest)
 
 
@@ -138,7 +104,7 @@ def load_model_state(path: str | os.PathLike) -> tuple[Config, dict[str, torch.T
         dcp_pieces.load({k: [_Whole(v, tuple(v.shape), (0,) * v.dim())] for k, v in state.items()},
                         iter_dir, no_dist=True)
     except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
-        raise _read_error(iter_dir, e) from None
+        raise read_error(iter_dir, e) from None
     bad = non_finite_names(state)
     if bad:
         raise CheckpointError(f"{iter_dir} holds non-finite weights ({', '.join(n[len(MODEL_PREFIX):] for n in bad[:5])}); "
@@ -251,7 +217,7 @@ class Checkpointer:
                 try:
                     work()
                 except OSError as e:
-                    raise _write_error(self.dir, e) from None
+                    raise write_error(self.dir, e) from None
 
         self._agree(guarded)
 
@@ -285,11 +251,7 @@ class Checkpointer:
 
     def check_finite(self, model, optimizer, where: str):
         """Refuse (CheckpointError on every rank) weights or optimizer moments holding NaN or inf."""
-        tensors = {i.spec.full_name: i.param.data for i in model.infos}
-        if optimizer is not None:
-            for n, shard in enumerate(optimizer.shards):
-                for key in (*MOMENTS, "master"):
-                    tensors[f"optimizer {key} (bucket {n})"] = getattr(shard, key)
+        tensors = {**model.local_tensors(), **(optimizer.local_tensors() if optimizer is not None else {})}
         bad = non_finite_names(tensors)
         self._agree(lambda: _raise_if(bad, f"{where}: non-finite values (NaN or inf) in {', '.join(bad[:4])}"
                                            f"{' ...' if len(bad) > 4 else ''}"))
@@ -301,8 +263,7 @@ class Checkpointer:
         (tensors, numbers, strings and containers: it is read back with weights_only=True)."""
         self.wait()  # one save in flight at a time
         info = {"meta": dict(meta or {}), "world_size": self.dims.world_size, "layout": self._layout(),
-                "optimizer_step": optimizer.step_count if optimizer is not None else None,
-                "run_id": self.run_id, "weights_finite": True}
+                "optimizer_step": None, "run_id": self.run_id, "weights_finite": True}
         json.dumps(info)  # refuse what meta.json cannot hold before writing anything
         if rank_state is not None:
             _check_weights_only(rank_state, "rank_state")
@@ -320,7 +281,7 @@ class Checkpointer:
             if rank_state is not None:
                 name = f"{RANK_STATE}/rank_{self.dims.rank:05d}.pt"
                 rank_files[name] = _save_rank_state(tmp / name, rank_state)
-            state = self._pieces_to_save(model, optimizer)
+            state, info["optimizer_step"] = self._pieces_to_save(model, optimizer)
             if self.async_save:
                 staged = self._staging.stage(state)
                 del state
@@ -330,7 +291,7 @@ class Checkpointer:
             report = dcp_pieces.save(state, tmp, self.group, self._no_dist)
         except (Exception, CheckpointException) as e:
             self._abandon(tmp)
-            raise _write_error(tmp, e) from None
+            raise write_error(tmp, e) from None
         self._publish(step, tmp, info, {**report.files, **rank_files}, report.hash_seconds)
 
     def wait(self):
@@ -341,7 +302,7 @@ class Checkpointer:
                 report = pending.future.result()
             except (Exception, CheckpointException) as e:
                 self._abandon(pending.tmp)
-                raise _write_error(pending.tmp, e) from None
+                raise write_error(pending.tmp, e) from None
             self._publish(pending.step, pending.tmp, pending.info, {**report.files, **pending.rank_files},
                           report.hash_seconds)
 
@@ -368,14 +329,16 @@ class Checkpointer:
 
         self._on_rank0(finish)  # nobody goes on before `latest` names the new folder
 
-    def _pieces_to_save(self, model, optimizer) -> dict[str, list]:
+    def _pieces_to_save(self, model, optimizer) -> tuple[dict[str, list], int | None]:
+        """The pieces this rank writes, and the optimizer's step (None without one)."""
         state = _keyed(MODEL_PREFIX, model.sharded_state_dict(), primary_only=True)
-        if optimizer is not None:
-            sharded = optimizer.sharded_state_dict(for_saving=True)  # collective: ZeRO-1 gathers over dp
-            kinds = MOMENTS if model.dtype == torch.float32 else (*MOMENTS, "master")
-            for kind in kinds:
-                state.update(_keyed(f"{OPTIM_PREFIX}{kind}.", sharded[kind], primary_only=True))
-        return state
+        if optimizer is None:
+            return state, None
+        sharded = optimizer.sharded_state_dict(for_saving=True)  # collective: ZeRO-1 gathers over dp
+        kinds = MOMENTS if model.dtype == torch.float32 else (*MOMENTS, "master")
+        for kind in kinds:
+            state.update(_keyed(f"{OPTIM_PREFIX}{kind}.", sharded[kind], primary_only=True))
+        return state, sharded["step"]
 
     # ------------------------------------------------------------------------- loading
 
@@ -400,7 +363,7 @@ class Checkpointer:
 
         self._agree(check)
         config = read_config(iter_dir)
-        check_same_shapes(config.model, model.cfg, iter_dir)
+        check_same_shapes(config.model, self.cfg.model, iter_dir)
         saved = saved_shapes(iter_dir)
         state = _keyed(MODEL_PREFIX, model.sharded_state_dict())
         sharded = optimizer.sharded_state_dict() if optimizer is not None else None
@@ -410,7 +373,7 @@ class Checkpointer:
         try:
             dcp_pieces.load(state, iter_dir, self.group, self._no_dist)
         except (Exception, CheckpointException) as e:
-            raise _read_error(iter_dir, e) from None
+            raise read_error(iter_dir, e) from None
         if sharded is not None:
             sharded["step"] = int(info.get("optimizer_step") or 0)
             optimizer.load_sharded_state_dict(sharded)

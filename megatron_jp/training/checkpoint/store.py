@@ -1,6 +1,6 @@
 """The checkpoint directory on disk: finding `latest`, reading and checking an iteration folder,
-publishing a complete one and pruning old ones (training/checkpoint.py describes the layout and
-holds the readers and writers of tensors)."""
+publishing a complete one and pruning old ones (the package's __init__.py describes the layout;
+checkpointer.py holds the readers and writers of tensors)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from megatron_jp.config import Config, ConfigError, ModelConfig, config_from_dict, to_yaml
+from megatron_jp.config import Config, ConfigError, config_from_dict, to_yaml
+from megatron_jp.models.config import ModelConfig
 from megatron_jp.files import describe_os_error, fsync_dir, remove_quietly
 from megatron_jp.parallel.model import full_shapes
-from megatron_jp.training import dcp_pieces, manifest
-from megatron_jp.training.manifest import CONFIG, META, ManifestError, write_durably
+from megatron_jp.training.checkpoint import dcp_pieces, manifest
+from megatron_jp.training.checkpoint.manifest import CONFIG, META, ManifestError, write_durably
 
 LATEST = "latest"
 MODEL_PREFIX = "model."
@@ -52,7 +53,7 @@ def iteration_folders(ckpt_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
-def _listing(folders: list[Path], limit: int = 8) -> str:
+def listing(folders: list[Path], limit: int = 8) -> str:
     def state(p: Path) -> str:
         return "complete" if (p / META).is_file() and (p / ".metadata").is_file() else "incomplete"
 
@@ -75,7 +76,7 @@ def find_latest(ckpt_dir: str | os.PathLike) -> Path | None:
         if folders:
             raise CheckpointError(
                 f"{ckpt_dir} holds checkpoints but no `{LATEST}` file naming the one to resume from: "
-                f"{_listing(folders)}. To resume, name a complete one: echo {folders[-1].name} > {latest}; "
+                f"{listing(folders)}. To resume, name a complete one: echo {folders[-1].name} > {latest}; "
                 f"to start a new run, use another checkpoint.dir (or run.dir)")
         return None
     if not latest.is_file():
@@ -193,13 +194,13 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
-def _read_error(iter_dir: Path, e: BaseException) -> CheckpointError:
+def read_error(iter_dir: Path, e: BaseException) -> CheckpointError:
     reason = describe_os_error(e) or _first_line(e)
     return CheckpointError(f"{iter_dir}: cannot read the tensors, a shard is missing or damaged "
                            f"({reason}); load an earlier iteration")
 
 
-def _write_error(what, e: BaseException) -> CheckpointError:
+def write_error(what, e: BaseException) -> CheckpointError:
     reason = describe_os_error(e)
     if reason is None:
         return CheckpointError(f"writing {what} failed ({_first_line(e)}); the previous checkpoint stays the latest")

@@ -30,13 +30,15 @@ import time
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, FileSystemReader, FileSystemWriter, _StorageInfo
+from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta,
                                                    TensorProperties)
 from torch.distributed.checkpoint.planner import (LoadPlan, LoadPlanner, SavePlan, TensorWriteData, WriteItem,
                                                   WriteItemType)
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from torch.distributed.checkpoint.storage import WriteResult
+
+from megatron_jp.torch_compat import check_writer_hook, storage_info
 
 
 class PieceSavePlanner(DefaultSavePlanner):
@@ -149,6 +151,7 @@ class StreamingWriter(FileSystemWriter):
     the same file format (torch.save records at recorded offsets), so plain DCP readers read it."""
 
     def __init__(self, path):
+        check_writer_hook(StreamingWriter)
         super().__init__(path, single_file_per_rank=True, sync_files=True, thread_count=1, overwrite=True)
         self.report = WriteReport()
 
@@ -165,7 +168,7 @@ class StreamingWriter(FileSystemWriter):
                 else:
                     torch.save(_compact_cpu(data), stream)
                 results.append(WriteResult(index=item.index, size_in_bytes=stream.tell() - offset,
-                                           storage_data=_StorageInfo(name, offset, stream.tell() - offset)))
+                                           storage_data=storage_info(name, offset, stream.tell() - offset)))
                 del data
             raw.flush()
             os.fsync(raw.fileno())

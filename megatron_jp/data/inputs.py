@@ -347,14 +347,14 @@ def text_error(key: str, value):
     return None
 
 
-def _batch_rows(batch, keys: list[str], group: int, first_row: int) -> list:
+def _batch_rows(batch, keys: list[str], group: int, first_row: int, names: list[str]) -> list:
     columns = {k: _parquet_column(batch, k) for k in keys}
     rows = []
     for i in range(batch.num_rows):
         texts, err = [], None
         for key in keys:
             if columns[key] is None:
-                err = ("missing_key", f"missing key {key!r} (columns present: {', '.join(batch.schema.names[:8])})")
+                err = ("missing_key", f"missing key {key!r} (columns present: {', '.join(names[:8])})")
                 break
             err = text_error(key, columns[key][i])
             if err:
@@ -381,7 +381,7 @@ def _parquet_chunks(piece: Piece, keys: list[str]):
         chunk, row, done = Chunk(piece.path), 0, 0
         try:
             for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[group], columns=heads):
-                chunk.rows += _batch_rows(batch, keys, group, row)
+                chunk.rows += _batch_rows(batch, keys, group, row, names)
                 chunk.raw_bytes += sum(r[3] for r in chunk.rows[-batch.num_rows:])
                 row += batch.num_rows
                 if chunk.raw_bytes >= CHUNK_BYTES:

@@ -108,15 +108,21 @@ def parts_dir(prefix: str) -> str:
 
 # ------------------------------------------------------------------ what may be written, and leftovers
 
-def output_files(args) -> list[str]:
-    """Every file the run writes or replaces (not the parts)."""
-    files = []
+def shard_prefixes(args, words: bool | None = None) -> list[str]:
+    """The prefix of every shard the run writes: per key its tokens, and its word flags if asked
+    (`words` None) or if `words`."""
+    words = args.word_boundaries != "none" if words is None else words
+    out = []
     for key in args.json_keys:
         prefix = output_prefix(args.output_prefix, key)
-        prefixes = [prefix] + ([indexed.words_prefix(prefix)] if args.word_boundaries != "none" else [])
-        files += [f for q in prefixes for f in (indexed.bin_path(q), indexed.idx_path(q))]
-        files.append(provenance.sidecar_path(prefix))
-    return files
+        out += [prefix] + ([indexed.words_prefix(prefix)] if words else [])
+    return out
+
+
+def output_files(args) -> list[str]:
+    """Every file the run writes or replaces (not the parts)."""
+    files = [f for q in shard_prefixes(args) for f in (indexed.bin_path(q), indexed.idx_path(q))]
+    return files + [provenance.sidecar_path(output_prefix(args.output_prefix, k)) for k in args.json_keys]
 
 
 def _not_ours(path: str) -> str | None:
@@ -165,7 +171,9 @@ def _alive(pid: int) -> bool:
 def remove_leftovers(args) -> list[str]:
     """Delete the temporary files (`*.tmpPID`) that a killed run over this prefix left, when that
     process is gone: beside the outputs and in the parts folder. Return what was removed."""
-    candidates = [f + ext for f in output_files(args) for ext in ("", ".lengths")]
+    # with or without word flags: the killed run may have been asked for them
+    candidates = output_files(args) + [q + ext for q in shard_prefixes(args, words=True)
+                                       for ext in (".bin", ".idx", ".lengths")]
     folder = os.path.dirname(os.path.abspath(args.output_prefix))
     names = set(os.listdir(folder)) if os.path.isdir(folder) else set()
     found = [os.path.join(folder, n) for n in names

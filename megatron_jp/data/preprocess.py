@@ -66,7 +66,14 @@ _TEMPORARY = re.compile(r"\.tmp(\d+)$")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="preprocess_data.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p = argparse.ArgumentParser(
+        prog="preprocess_data.py", allow_abbrev=False,
+        description="Tokenize JSONL (.jsonl, .gz, .zst) and parquet corpora into Megatron shards. Each worker reads, "
+                    "tokenizes and writes its own parts ({prefix}.parts/); they are appended in input order, so any "
+                    "--workers gives the same bytes. A run that stops keeps its complete parts: rerun the same "
+                    "command and only the rest is done.",
+        epilog="Exit status: 0; 2 for bad input or an output that cannot be written (one `error:` line); 1 when a "
+               "worker dies (the cause and its input are named); 128+N on signal N.")
     g = p.add_argument_group("input")
     g.add_argument("--input", nargs="+", required=True,
                    help="JSONL (.jsonl, .jsonl.gz, .jsonl.zst) and .parquet files, mixed; globs allowed")
@@ -382,6 +389,7 @@ def run(args) -> dict:
         for index in sorted(reused):
             merger.add(index, reused[index])
         pool = WorkerPool(min(args.workers, len(todo)), opts) if args.workers > 1 and todo else None
+        main_startup = _cpu_seconds(False) - main0  # fixed costs: tokenizer hash, plan, starting workers
         for message in (pool.run(todo) if pool else _in_process(todo, opts)):
             if message[0] == "progress":
                 progress.update(message[1], message[2])
@@ -410,7 +418,7 @@ def run(args) -> dict:
                                         for k in args.json_keys),
             "parts": len(parts), "parts_reused": len(reused), "workers": args.workers,
             "seconds": round(time.time() - t0, 3), "cpu_seconds": round(_cpu_seconds() - cpu0, 3),
-            "main_cpu_seconds": round(_cpu_seconds(False) - main0, 3),
+            "main_cpu_seconds": round(_cpu_seconds(False) - main0, 3), "main_cpu_startup_seconds": round(main_startup, 3),
             "outputs": [output_prefix(args.output_prefix, k) for k in args.json_keys]}
 
 

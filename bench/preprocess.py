@@ -179,7 +179,8 @@ def report_workers(args, speed: dict, alone: dict, ratios: list) -> None:
           f"{100 * tagger[len(tagger) // 2]:.0f}% ({100 * tagger[0]:.0f}-{100 * tagger[-1]:.0f}%) of fugashi.Tagger()")
     for (words, workers), f in speed.items():
         print(f"preprocess_data --workers {workers} --word-boundaries {words:11s}: {f['cpu']:6.2f} MB per "
-              f"CPU-second, {f['wall']:6.2f} MB/s, {f['tokens'] / 1e6:5.2f} M tokens/s")
+              f"CPU-second, {f['wall']:6.2f} MB/s, {f['tokens'] / 1e6:5.2f} M tokens/s, a worker's peak RSS "
+              f"{f['rss']:.0f} MB")
     one = speed["unidic-lite", args.workers[0]]
     print(f"preprocess_data --word-boundaries unidic-lite per core: {100 * one['cpu'] / alone['wakati']:.0f}% of "
           f"MeCab -Owakati alone, {100 * one['cpu'] / alone['tagger']:.0f}% of fugashi.Tagger() alone")
@@ -216,7 +217,7 @@ def bench_workers(args, corpus: str, tmp: str, mb: float):
                 worker_cpu = max(s["cpu_seconds"] - s["main_cpu_seconds"], 1e-9) if workers > 1 else s["cpu_seconds"]
                 main_run = s["main_cpu_seconds"] - s["main_cpu_startup_seconds"]
                 figures = {"wall": mb / s["seconds"], "cpu": mb / s["cpu_seconds"],
-                           "tokens": s["tokens"] / s["seconds"], "main_per_mb": -main_run / mb,
+                           "tokens": s["tokens"] / s["seconds"], "main_per_mb": -main_run / mb, "rss": s["peak_rss_mb"],
                            "main_share": -main_run / worker_cpu, "main_share_all": -s["main_cpu_seconds"] / worker_cpu,
                            "main_startup": -s["main_cpu_startup_seconds"]}  # negated: best() keeps the max
                 speed[words, workers] = best(speed.get((words, workers)), figures)

@@ -288,7 +288,8 @@ class Merger:
         totals, out = self.totals(), {}
         for key, (tok_writer, _) in self.writers.items():
             counts = {"documents": tok_writer.n_docs, "tokens": tok_writer.n_tokens, "input_files": n_files,
-                      "zero_token_documents": sum(r["keys"][key]["zero_token_documents"] for r in self.records.values()),
+                      "zero_token_documents": sum(r["keys"][key]["zero_token_documents"]
+                                                  for r in self.records.values()),
                       "skipped": totals["skipped"], "blank_lines": totals["blank_lines"],
                       "text_bytes": totals["text_bytes"]}
             record = provenance.shard_record(tokenizer, word_boundaries=self.args.word_boundaries, json_key=key,
@@ -366,60 +367,79 @@ def _plan(args):
     return paths, tokenizer, plan_parts(paths, max(1, int(args.part_size_mb * 1e6)))
 
 
-def run(args) -> dict:
-    """Preprocess per `args` (see parse_args); return the summary. Raises PartFailed on bad input,
-    WorkerDied when a worker dies."""
-    t0, cpu0, main0 = time.time(), _cpu_seconds(), _cpu_seconds(False)
-    paths, tokenizer, parts = _plan(args)
-    dtype = indexed.optimal_dtype(tokenizer.vocab_size)
-    folder, settings = parts_dir(args.output_prefix), settings_key(args, tokenizer, dtype)
-    remove_leftovers(args)
-    os.makedirs(folder, exist_ok=True)
-    keys = [part_key(settings, p) for p in parts]
-    reused = {p.index: r for p in parts if (r := complete_record(folder, p.index, keys[p.index]))}
-    todo = [(p, keys[p.index]) for p in parts if p.index not in reused]
-    opts = {"keys": args.json_keys, "tokenizer_type": args.tokenizer_type, "tokenizer_model": args.tokenizer_model,
+def _worker_opts(args, dtype, folder: str) -> dict:
+    return {"keys": args.json_keys, "tokenizer_type": args.tokenizer_type, "tokenizer_model": args.tokenizer_model,
             "word_boundaries": args.word_boundaries, "append_eod": args.append_eod, "dtype": np.dtype(dtype).str,
             "parts_dir": folder, "on_error": args.on_error, "max_document_bytes": args.max_document_bytes}
-    progress = Progress(sum(p.size for p in parts), sum(parts[i].size for i in reused),
-                        sum(r["documents"] for r in reused.values()), args.quiet)
-    merger, pool = None, None
+
+
+def _resume(parts: list, folder: str, settings: dict) -> tuple[dict, list]:
+    """(index -> record of each part complete from an earlier run, [(part, key)] of those to do)."""
+    keys = [part_key(settings, p) for p in parts]
+    reused = {p.index: r for p in parts if (r := complete_record(folder, p.index, keys[p.index]))}
+    return reused, [(p, keys[p.index]) for p in parts if p.index not in reused]
+
+
+def _execute(args, todo: list, opts: dict, merger: Merger, progress: Progress, clock: dict) -> None:
+    """Run the parts to do (in workers, or here with --workers 1), appending each as it finishes."""
+    pool = WorkerPool(min(args.workers, len(todo)), opts) if args.workers > 1 and todo else None
+    clock["startup"] = _cpu_seconds(False) - clock["main"]  # fixed costs: tokenizer hash, plan, starting workers
     try:
-        merger = Merger(args, dtype, folder)  # inside try: a signal from here on cleans up
-        for index in sorted(reused):
-            merger.add(index, reused[index])
-        pool = WorkerPool(min(args.workers, len(todo)), opts) if args.workers > 1 and todo else None
-        main_startup = _cpu_seconds(False) - main0  # fixed costs: tokenizer hash, plan, starting workers
         for message in (pool.run(todo) if pool else _in_process(todo, opts)):
             if message[0] == "progress":
                 progress.update(message[1], message[2])
             else:
                 merger.add(message[1], message[2])
+    finally:
         if pool:
             pool.close()
+
+
+def _summary(args, merger: Merger, n_parts: int, n_reused: int, clock: dict) -> dict:
+    totals, records = merger.totals(), merger.records.values()
+    return {"documents": totals["documents"], "tokens": sum(w.n_tokens for w, _ in merger.writers.values()),
+            "skipped": dict(totals["skipped"]), "skipped_total": sum(totals["skipped"].values()),
+            "blank_lines": totals["blank_lines"], "text_bytes": totals["text_bytes"],
+            "zero_token_documents": sum(r["keys"][k]["zero_token_documents"] for r in records for k in args.json_keys),
+            "parts": n_parts, "parts_reused": n_reused, "workers": args.workers,
+            "peak_rss_mb": max((r.get("peak_rss_mb", 0) for r in records), default=0),
+            "seconds": round(time.time() - clock["wall"], 3), "cpu_seconds": round(_cpu_seconds() - clock["cpu"], 3),
+            "main_cpu_seconds": round(_cpu_seconds(False) - clock["main"], 3),
+            "main_cpu_startup_seconds": round(clock["startup"], 3),
+            "outputs": [output_prefix(args.output_prefix, k) for k in args.json_keys]}
+
+
+def run(args) -> dict:
+    """Preprocess per `args` (see parse_args); return the summary. Raises PartFailed on bad input,
+    WorkerDied when a worker dies."""
+    clock = {"wall": time.time(), "cpu": _cpu_seconds(), "main": _cpu_seconds(False)}
+    paths, tokenizer, parts = _plan(args)
+    dtype = indexed.optimal_dtype(tokenizer.vocab_size)
+    folder = parts_dir(args.output_prefix)
+    remove_leftovers(args)
+    os.makedirs(folder, exist_ok=True)
+    reused, todo = _resume(parts, folder, settings_key(args, tokenizer, dtype))
+    progress = Progress(sum(p.size for p in parts), sum(parts[i].size for i in reused),
+                        sum(r["documents"] for r in reused.values()), args.quiet)
+    merger = None
+    try:
+        merger = Merger(args, dtype, folder)  # inside try: a signal from here on cleans up
+        for index in sorted(reused):
+            merger.add(index, reused[index])
+        _execute(args, todo, _worker_opts(args, dtype, folder), merger, progress, clock)
         merger.commit(tokenizer, len(paths))
     except BaseException as err:
-        if pool:
-            pool.close()
         if merger:
             merger.abort()
-        remove_parts(folder, temporary_only=not isinstance(err, PartFailed))
-        if not isinstance(err, PartFailed):
+        bad_input = isinstance(err, PartFailed)  # the input must change: its parts are of no use
+        remove_parts(folder, temporary_only=not bad_input)
+        if not bad_input:
             err.add_note(_interrupted(folder, merger, len(parts)))
         raise
     finally:
         progress.bar.close()
     remove_parts(folder, temporary_only=False)
-    totals = merger.totals()
-    return {"documents": totals["documents"], "tokens": sum(w.n_tokens for w, _ in merger.writers.values()),
-            "skipped": dict(totals["skipped"]), "skipped_total": sum(totals["skipped"].values()),
-            "blank_lines": totals["blank_lines"], "text_bytes": totals["text_bytes"],
-            "zero_token_documents": sum(r["keys"][k]["zero_token_documents"] for r in merger.records.values()
-                                        for k in args.json_keys),
-            "parts": len(parts), "parts_reused": len(reused), "workers": args.workers,
-            "seconds": round(time.time() - t0, 3), "cpu_seconds": round(_cpu_seconds() - cpu0, 3),
-            "main_cpu_seconds": round(_cpu_seconds(False) - main0, 3), "main_cpu_startup_seconds": round(main_startup, 3),
-            "outputs": [output_prefix(args.output_prefix, k) for k in args.json_keys]}
+    return _summary(args, merger, len(parts), len(reused), clock)
 
 
 def print_summary(summary: dict) -> None:

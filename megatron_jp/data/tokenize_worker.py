@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 
 import numpy as np
 
@@ -221,7 +222,8 @@ class _PartWriters:
                 files[os.path.basename(path)] = os.path.getsize(path)
         per_key = {k: {"documents": w.n_docs, "tokens": w.n_tokens, "zero_token_documents": self.empty[k]}
                    for k, (w, _) in self.writers.items()}
-        record = {"format": PART_FORMAT, "key": key, "part": index, "files": files, "keys": per_key, **self.counts}
+        record = {"format": PART_FORMAT, "key": key, "part": index, "files": files, "keys": per_key, **self.counts,
+                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}  # Linux: KB
         path = record_path(parts_dir, index)
         with open(path + f".tmp{os.getpid()}", "w", encoding="utf-8") as f:
             json.dump(record, f, indent=1, sort_keys=True)

@@ -147,7 +147,8 @@ def test_parquet_null_and_missing_column_are_named_by_row_group_and_row(tmp_path
     src = write_parquet(tmp_path / "a.parquet", [{"text": "良い"}] * 9 + [{"text": None}], rows_per_group=4)
     proc = run_tool("preprocess_data.py", "--input", src, "--output-prefix", tmp_path / "o", *BYTE)
     assert proc.returncode == 2 and f"{src}: row group 2, row 1: value of key 'text' is null" in proc.stderr
-    proc = run_tool("preprocess_data.py", "--input", src, "--output-prefix", tmp_path / "o", *BYTE, "--json-keys", "body")
+    proc = run_tool("preprocess_data.py", "--input", src, "--output-prefix", tmp_path / "o", *BYTE,
+                    "--json-keys", "body")
     assert proc.returncode == 2 and "missing key 'body' (columns present: text)" in proc.stderr
     assert not glob.glob(str(tmp_path / "o*"))
 

@@ -61,7 +61,8 @@ REASONS = {
     "too_large": "document too large", "bad_gzip": "truncated or corrupt gzip", "bad_zstd": "truncated or corrupt zstd",
     "bad_parquet": "corrupt parquet row group",
 }
-_PART_FILE = re.compile(r"^\d{6}(_.+_document(_words)?\.(bin|idx|lengths)|)(\.json)?(\.(bin|idx))?(\.tmp\d+)?$")
+# a part's shards (and a writer's lengths file) and its record, under their final or temporary names
+_PART_FILE = re.compile(r"^\d{6}(_.+_document(_words)?\.(bin|idx|lengths)|\.json)(\.tmp\d+)?$")
 _TEMPORARY = re.compile(r"\.tmp(\d+)$")
 
 

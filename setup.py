@@ -84,6 +84,8 @@ setup(
         "einops",
         "tqdm",
         "tensorboard",
+        "pyarrow",  # preprocess_data reads .parquet corpora
+        "zstandard",  # ... and .jsonl.zst
     ],
     extras_require={
         "test": ["pytest", "megatron-core==0.16.1"],  # megatron-core: reference reader of our shards

@@ -1,87 +1,85 @@
-"""JSONL -> Megatron shards: the engine behind tools/preprocess_data.py (same flags as Megatron-LM's).
+"""Corpora -> Megatron shards: the engine behind tools/preprocess_data.py (same flags as Megatron-LM's).
 
-Streaming: the main process reads input lines (plain or .gz) into chunks of about CHUNK_BYTES and
-hands them to a pool of `--workers` processes (spawned, each loading the tokenizer and segmenter
-once); at most 2 x workers + 2 chunks are in flight and results are written in input order, so
-memory is bounded by a few chunks whatever the corpus size. Per key the output is
-`{prefix}_{key}_document.bin/.idx` (uint16 ids when the vocabulary has < 65500 entries, else
-int32) and with `--word-boundaries` also `..._document_words.bin/.idx` (uint8 word-start flags).
+Inputs: JSONL (plain, `.gz`, `.zst`) and parquet, mixed, globs allowed (megatron_jp.data.inputs).
+The run is cut into parts of about --part-size-mb (byte ranges of a JSONL file cut at line starts,
+runs of parquet row groups, whole compressed files, or several small files). Each of `--workers`
+processes reads its own parts, tokenizes them and writes each as its own shards in
+`{prefix}.parts/` (megatron_jp.data.tokenize_worker); the main process only plans, watches the
+workers (megatron_jp.data.worker_pool: one that dies stops the run at once, naming the cause and the
+input) and appends each finished part, in input order, to the output (the .bin copied by the
+kernel), so the result is byte for byte what one process writes. Per key the output is
+`{prefix}_{key}_document.bin/.idx` (uint16 ids when the vocabulary has < 65500 entries, else int32)
+and with `--word-boundaries` also `..._document_words.bin/.idx` (uint8 word-start flags), plus the
+provenance sidecar `{prefix}_{key}_document.json` (megatron_jp.data.provenance).
 
-Bad lines (invalid UTF-8, invalid JSON, not an object, missing key, non-string value, empty text,
-a document over --max-document-bytes, a truncated .gz) stop the run with `file:line: reason`
-(`--on-error fail`, the default) or are counted by reason and skipped (`--on-error skip`). Shards
-are written under temporary names and renamed only when every input was read: a failed or killed
-run leaves no file that looks like a complete shard. Each shard gets its provenance sidecar
-`{prefix}.json` (megatron_jp.data.provenance), published after the shard, the old one removed first.
+Restart: a run that stops (time limit, node failure, a dead worker) keeps its complete parts; rerun
+with the same arguments and it redoes only the others. A part is reused only when its record names
+the same settings (tokenizer file hash, keys, word boundaries, EOD, error policy) and the same input
+bytes (file, size, mtime, range), and its files have the recorded sizes. The parts folder is removed
+when the output is complete, and on a bad input (the input must change anyway). Temporary files
+(`*.tmpPID`) of a killed run are removed by the next run over the same prefix.
+
+Bad input (invalid UTF-8 or JSON, not an object, missing key, non-string value, empty text, a
+document over --max-document-bytes, a truncated or corrupt .gz/.zst stream, a corrupt parquet row
+group) stops the run naming `file:line` (or `file: row group G, row R`) and the reason
+(`--on-error fail`, the default), or is counted by reason and skipped (`--on-error skip`). Outputs
+are written under temporary names and renamed when complete: a failed or killed run leaves no file
+that looks like a complete shard. An output path that is also an input, or a file at an output path
+that preprocess_data did not write, is refused.
 
 `--slice I/N` processes slice I of N of the (expanded, ordered) input files: contiguous ranges of
 about equal bytes, so an array job's outputs merged in slice order (tools/merge_datasets.py) are
-byte for byte what one run over all files writes.
+byte for byte what one run over all files writes. Within a slice the workers share the parts.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import gzip
+import hashlib
 import json
-import multiprocessing
 import os
+import re
 import signal
 import sys
 import time
-import zlib
-from dataclasses import dataclass, field
+from importlib import metadata
 
 import numpy as np
 
-from megatron_jp.data import indexed, provenance
-from megatron_jp.data.segment import SEGMENTERS, build_segmenter, segmenter_flags_all, text_chunks
+from megatron_jp.data import indexed, provenance, tokenize_worker
+from megatron_jp.data.inputs import InputError, expand_inputs, plan_parts, select_slice
+from megatron_jp.data.segment import SEGMENTERS, build_segmenter
+from megatron_jp.data.tokenize_worker import PART_FORMAT, PartFailed, part_prefix, record_path
 from megatron_jp.data.tokenizers import TOKENIZER_TYPES, build_tokenizer
+from megatron_jp.data.worker_pool import WorkerDied, WorkerPool
+from megatron_jp.files import describe_os_error, remove_quietly
 
-CHUNK_BYTES = 1 << 20
-CHUNK_LINES = 4096
-LONG_TEXT_CHARS = 1 << 20  # longer texts are tokenized piecewise (at line breaks) to bound memory
-JOIN_LIMIT = 1 << 22  # ids of a chunk up to this many are sent back as one array
-GROUP_CHARS = 1 << 20  # characters encoded phase by phase (tokenizer, MeCab, alignment) at a time
 REASONS = {
     "invalid_utf8": "invalid UTF-8", "invalid_json": "invalid JSON", "not_object": "not a JSON object",
     "missing_key": "missing key", "not_string": "non-string value", "empty_text": "empty text",
-    "too_large": "document too large", "bad_gzip": "truncated or corrupt gzip",
+    "too_large": "document too large", "bad_gzip": "truncated or corrupt gzip", "bad_zstd": "truncated or corrupt zstd",
+    "bad_parquet": "corrupt parquet row group",
 }
-
-
-class PreprocessError(RuntimeError):
-    """A bad input line under --on-error fail; the message is `file:line: reason`."""
-
-
-@dataclass
-class Chunk:
-    """Lines of one input file handed to a worker; `errors` holds what the reader already found."""
-
-    path: str
-    lines: list = field(default_factory=list)  # (line number, raw bytes)
-    errors: list = field(default_factory=list)  # (line number, reason code, message)
-    raw_bytes: int = 0  # bytes of the lines
-    file_bytes: int = 0  # bytes of the file read for them (compressed for .gz): drives the progress bar
-
-
-@dataclass
-class ChunkResult:
-    path: str
-    tokens: dict  # key -> (id arrays, document lengths, word-flag arrays or None)
-    errors: list
-    n_docs: int
-    n_text_bytes: int
-    blank_lines: int
+# a part's shards (and a writer's lengths file) and its record, under their final or temporary names
+_PART_FILE = re.compile(r"^\d{6}(_.+_document(_words)?\.(bin|idx|lengths)|\.json)(\.tmp\d+)?$")
+_TEMPORARY = re.compile(r"\.tmp(\d+)$")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="preprocess_data.py", description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p = argparse.ArgumentParser(
+        prog="preprocess_data.py", allow_abbrev=False,
+        description="Tokenize JSONL (.jsonl, .gz, .zst) and parquet corpora into Megatron shards. Each worker reads, "
+                    "tokenizes and writes its own parts ({prefix}.parts/); they are appended in input order, so any "
+                    "--workers gives the same bytes. A run that stops keeps its complete parts: rerun the same "
+                    "command and only the rest is done.",
+        epilog="Exit status: 0; 2 for bad input or an output that cannot be written (one `error:` line); 1 when a "
+               "worker dies (the cause and its input are named); 128+N on signal N.")
     g = p.add_argument_group("input")
-    g.add_argument("--input", nargs="+", required=True, help="JSONL files (.gz too), globs allowed")
-    g.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract (default: text)")
+    g.add_argument("--input", nargs="+", required=True,
+                   help="JSONL (.jsonl, .jsonl.gz, .jsonl.zst) and .parquet files, mixed; globs allowed")
+    g.add_argument("--json-keys", nargs="+", default=["text"],
+                   help="keys (parquet: columns) to extract; a dotted name reaches a nested field (default: text)")
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
     g.add_argument("--tokenizer-model", default="", help="SentencePiece .model or tokenizer folder")
@@ -90,7 +88,10 @@ def parse_args(argv=None):
                    help="also write word-start flags (for whole word masking) from this segmenter")
     g = p.add_argument_group("output")
     g.add_argument("--output-prefix", required=True, help="writes {prefix}_{key}_document.bin/.idx")
-    g.add_argument("--workers", type=int, default=1, help="tokenizer processes (1: in this process)")
+    g.add_argument("--workers", type=int, default=1,
+                   help="processes that each read, tokenize and write their own parts (1: in this process)")
+    g.add_argument("--part-size-mb", type=float, default=256,
+                   help="input MB per part: the unit of work, of restart and of balance between workers")
     g.add_argument("--on-error", choices=["fail", "skip"], default="fail",
                    help="fail: stop at the first bad line (file:line: reason); skip: count and go on")
     g.add_argument("--max-document-bytes", type=int, default=16 << 20,
@@ -99,384 +100,355 @@ def parse_args(argv=None):
     g.add_argument("--slice", default="", metavar="I/N",
                    help="process only slice I (0-based) of N of the input files: contiguous, about equal bytes "
                         "(array jobs; merge the outputs in slice order with tools/merge_datasets.py)")
-    return p.parse_args(argv)
-
-
-def expand_inputs(patterns: list[str]) -> list[str]:
-    """Every file named or matched by a glob, in the order given (globs sorted)."""
-    files = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        missing = [m for m in matches if not os.path.isfile(m)]
-        if not matches or missing:
-            raise FileNotFoundError(f"--input {pattern}: no such file" + ("" if matches else " (glob matched nothing)"))
-        files += matches
-    return files
-
-
-def select_slice(paths: list[str], spec: str) -> list[str]:
-    """The files of slice "I/N": file f belongs to slice floor(N * bytes before f / all bytes)."""
-    if not spec:
-        return paths
-    try:
-        index, count = (int(v) for v in spec.split("/"))
-    except ValueError:
-        raise ValueError(f"--slice {spec!r}: expected I/N, e.g. 3/64") from None
-    if not 0 <= index < count:
-        raise ValueError(f"--slice {spec!r}: I must lie in [0, N)")
-    sizes = np.array([os.path.getsize(p) for p in paths], dtype=np.int64)
-    before = np.cumsum(sizes) - sizes
-    total = int(sizes.sum())
-    slices = before * count // total if total else np.arange(len(paths)) * count // max(len(paths), 1)
-    return [p for p, s in zip(paths, slices.tolist()) if s == index]
+    args = p.parse_args(argv)
+    if args.workers < 1 or not args.part_size_mb > 0:
+        p.error("--workers must be >= 1 and --part-size-mb > 0")
+    return args
 
 
 def output_prefix(prefix: str, key: str) -> str:
     return f"{prefix}_{key}_document"
 
 
-# ----------------------------------------------------------------------------------------- reading
-
-def _open(path: str):
-    raw = open(path, "rb")
-    return raw, (gzip.GzipFile(fileobj=raw, mode="rb") if path.endswith(".gz") else raw)
+def parts_dir(prefix: str) -> str:
+    return prefix + ".parts"
 
 
-def _read_line(f, limit: int):
-    """(line, too_long_size): reads at most limit+1 bytes; the rest of an oversize line is drained."""
-    if limit <= 0:
-        return f.readline(), 0
-    line = f.readline(limit + 1)
-    if len(line) <= limit or line.endswith(b"\n"):
-        return line, 0
-    size = len(line)
-    while line and not line.endswith(b"\n"):  # drain without keeping: memory stays bounded
-        line = f.readline(1 << 20)
-        size += len(line)
-    return None, size
+# ------------------------------------------------------------------ what may be written, and leftovers
 
-
-def iter_chunks(paths: list[str], max_doc_bytes: int):
-    """Chunks of raw lines from every file in order, with reader-level errors attached."""
-    for path in paths:
-        raw, f = _open(path)
-        chunk, line_no, consumed = Chunk(path), 0, 0
-        try:
-            while True:
-                try:
-                    line, oversize = _read_line(f, max_doc_bytes)
-                except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as err:
-                    chunk.errors.append((line_no + 1, "bad_gzip", f"truncated or corrupt gzip stream ({err})"))
-                    break
-                if line == b"" and not oversize:
-                    break
-                line_no += 1
-                if oversize:
-                    chunk.errors.append((line_no, "too_large", f"document of {oversize:,} bytes exceeds "
-                                         f"--max-document-bytes {max_doc_bytes:,} (raise it, or 0 for no limit)"))
-                else:
-                    chunk.lines.append((line_no, line))
-                    chunk.raw_bytes += len(line)
-                if chunk.raw_bytes >= CHUNK_BYTES or len(chunk.lines) >= CHUNK_LINES:
-                    chunk.file_bytes, consumed = raw.tell() - consumed, raw.tell()
-                    yield chunk
-                    chunk = Chunk(path)
-            chunk.file_bytes = os.path.getsize(path) - consumed
-            yield chunk
-        finally:
-            f.close()
-            raw.close()
-
-
-# ----------------------------------------------------------------------------------------- workers
-
-_WORKER: dict = {}
-
-
-def init_worker(opts: dict) -> None:
-    """Load the tokenizer and segmenter once per process."""
-    _WORKER["opts"] = opts
-    _WORKER["tokenizer"] = build_tokenizer(opts["tokenizer_type"], opts["tokenizer_model"])
-    _WORKER["segmenter"] = build_segmenter(opts["word_boundaries"])
-
-
-def parse_line(raw: bytes, keys: list[str]):
-    """(texts, None) for a good line, else (None, (reason code, message))."""
-    try:
-        s = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        return None, ("invalid_utf8", f"invalid UTF-8 at byte {err.start}")
-    try:
-        obj = json.loads(s)
-    except json.JSONDecodeError as err:
-        return None, ("invalid_json", f"invalid JSON ({err.msg} at column {err.colno})")
-    if not isinstance(obj, dict):
-        return None, ("not_object", f"expected a JSON object, found {type(obj).__name__}")
-    texts = []
-    for key in keys:
-        if key not in obj:
-            return None, ("missing_key", f"missing key {key!r} (keys present: {', '.join(list(obj)[:8])})")
-        value = obj[key]
-        if not isinstance(value, str):
-            return None, ("not_string", f"value of key {key!r} is {type(value).__name__}, expected a string")
-        if not value.strip():
-            return None, ("empty_text", f"empty text in key {key!r}")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as err:
-            return None, ("invalid_utf8", f"key {key!r} has an unpaired surrogate escape at character {err.start}")
-        texts.append(value)
-    return texts, None
-
-
-def _pieces(text: str):
-    return [text] if len(text) <= LONG_TEXT_CHARS else (c for _, c in text_chunks(text, LONG_TEXT_CHARS))
-
-
-def _encode_pieces(pieces: list[str], dtype) -> list[tuple[np.ndarray, np.ndarray | None]]:
-    """(ids in the output dtype, word flags or None) of each text. With a segmenter in phases: every
-    text through the tokenizer, then every text through MeCab, then the alignment, so that each
-    library's tables stay in the CPU caches (interleaving them per document cost a quarter of the
-    speed: bench/preprocess.py)."""
-    tok, seg = _WORKER["tokenizer"], _WORKER["segmenter"]
-    if seg is None:
-        return [(tok.encode(p).astype(dtype, copy=False), None) for p in pieces]
-    encoded = [tok.encode_with_offsets(p) for p in pieces]
-    flags = segmenter_flags_all(seg, pieces, [(s, e) for _, s, e in encoded])
-    return [(ids.astype(dtype, copy=False), f) for (ids, _, _), f in zip(encoded, flags)]
-
-
-def _encode_docs(texts: list[str], dtype) -> list[tuple[list, list | None]]:
-    """(id arrays, flag arrays or None) of each document; very long ones piecewise, and pieces
-    encoded in groups of about GROUP_CHARS characters, so memory stays bounded."""
-    with_flags = _WORKER["segmenter"] is not None
-    out = [([], [] if with_flags else None) for _ in texts]
-    group, size = [], 0
-
-    def flush():
-        for (doc, _), (ids, flags) in zip(group, _encode_pieces([p for _, p in group], dtype)):
-            out[doc][0].append(ids)
-            if with_flags:
-                out[doc][1].append(flags)
-        group.clear()
-
-    for doc, text in enumerate(texts):
-        for piece in _pieces(text):
-            group.append((doc, piece))
-            size += len(piece)
-            if size >= GROUP_CHARS:
-                flush()
-                size = 0
-    flush()
+def shard_prefixes(args, words: bool | None = None) -> list[str]:
+    """The prefix of every shard the run writes: per key its tokens, and its word flags if asked
+    (`words` None) or if `words`."""
+    words = args.word_boundaries != "none" if words is None else words
+    out = []
+    for key in args.json_keys:
+        prefix = output_prefix(args.output_prefix, key)
+        out += [prefix] + ([indexed.words_prefix(prefix)] if words else [])
     return out
 
 
-def _joined(arrays: list) -> list:
-    """One array for a chunk of ordinary documents (one pickle, one write); a huge document's parts
-    stay apart, since joining would copy it once more."""
-    return [np.concatenate(arrays)] if 1 < len(arrays) and sum(map(len, arrays)) <= JOIN_LIMIT else arrays
+def output_files(args) -> list[str]:
+    """Every file the run writes or replaces (not the parts)."""
+    files = [f for q in shard_prefixes(args) for f in (indexed.bin_path(q), indexed.idx_path(q))]
+    return files + [provenance.sidecar_path(output_prefix(args.output_prefix, k)) for k in args.json_keys]
 
 
-def _key_arrays(docs: list, opts: dict, eod: int):
-    """(id arrays, document lengths, flag arrays or None) of one key."""
-    dtype = np.dtype(opts["dtype"])
-    ids, lengths, flags = [], [], []
-    for parts, part_flags in docs:
-        if opts["append_eod"]:
-            parts = parts + [np.array([eod], dtype=dtype)]
-            part_flags = None if part_flags is None else part_flags + [np.ones(1, np.uint8)]
-        ids += parts
-        lengths.append(sum(len(p) for p in parts))
-        if part_flags is not None:
-            flags += part_flags
-    flags = _joined(flags) if opts["word_boundaries"] != "none" else None
-    return _joined(ids), np.asarray(lengths, dtype=np.int64), flags
+def _not_ours(path: str) -> str | None:
+    """Why an existing file at an output path is not a shard or sidecar a previous run wrote (None if it is)."""
+    if path.endswith(".json"):
+        try:
+            return None if provenance.read_sidecar(path[:-5]) is not None else "not a file"
+        except indexed.ShardFormatError:
+            return "not a shard sidecar"
+    if path.endswith(".idx"):
+        try:
+            indexed.read_header(path)
+        except (indexed.ShardFormatError, OSError):
+            return "not a Megatron index"
+    return None
 
 
-def process_chunk(chunk: Chunk) -> ChunkResult:
-    """Parse, validate and tokenize the lines of a chunk (runs in a worker)."""
-    opts = _WORKER["opts"]
-    keys, errors = opts["keys"], list(chunk.errors)
-    per_key = {k: [] for k in keys}
-    n_docs = n_bytes = blanks = 0
-    dtype = np.dtype(opts["dtype"])
-    for i, (line_no, raw) in enumerate(chunk.lines):
-        chunk.lines[i] = None  # drop each raw line once parsed: a huge document is held once, not twice
-        size, blank = len(raw), not raw.strip()
-        texts, err = (None, None) if blank else parse_line(raw, keys)
-        del raw
-        if blank or err:
-            blanks += blank
-            errors += [(line_no, *err)] if err else []
-            continue
-        n_docs += 1
-        n_bytes += size
-        for key, text in zip(keys, texts):
-            per_key[key].append(text)
-    per_key = {key: _encode_docs(docs, dtype) for key, docs in per_key.items()}
-    eod = _WORKER["tokenizer"].eod_id
-    tokens = {k: _key_arrays(docs, opts, eod) for k, docs in per_key.items()}
-    return ChunkResult(chunk.path, tokens, sorted(errors), n_docs, n_bytes, blanks)
+def check_outputs(args, inputs: list[str]) -> None:
+    """Refuse an output that is also an input, and a file at an output path that is not ours to replace."""
+    real_inputs = {os.path.realpath(p): p for p in inputs}
+    parts = os.path.realpath(parts_dir(args.output_prefix))
+    for path in output_files(args):
+        if os.path.realpath(path) in real_inputs:
+            raise InputError(f"--input {real_inputs[os.path.realpath(path)]} is also an output of this run "
+                             f"({path}); choose another --output-prefix")
+        if os.path.lexists(path) and (why := _not_ours(path)):
+            raise InputError(f"{path} exists and is {why}: preprocess_data replaces only what it wrote; "
+                             "move it, or choose another --output-prefix")
+    for real, given in real_inputs.items():
+        if real.startswith(parts + os.sep):
+            raise InputError(f"--input {given} lies in {parts_dir(args.output_prefix)}, this run's parts folder")
+    if os.path.lexists(parts) and not os.path.isdir(parts):
+        raise InputError(f"{parts_dir(args.output_prefix)} exists and is not a folder; move it")
 
 
-# ------------------------------------------------------------------------------------------ driver
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
-def ordered_results(chunks, opts: dict, workers: int):
-    """Process chunks in order; with workers > 1 keep at most 2*workers+2 of them in flight."""
-    if workers <= 1:
-        init_worker(opts)
-        for chunk in chunks:
-            yield chunk, process_chunk(chunk)
+
+def remove_leftovers(args) -> list[str]:
+    """Delete the temporary files (`*.tmpPID`) that a killed run over this prefix left, when that
+    process is gone: beside the outputs and in the parts folder. Return what was removed."""
+    # with or without word flags: the killed run may have been asked for them
+    candidates = output_files(args) + [q + ext for q in shard_prefixes(args, words=True)
+                                       for ext in (".bin", ".idx", ".lengths")]
+    folder = os.path.dirname(os.path.abspath(args.output_prefix))
+    names = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+    found = [os.path.join(folder, n) for n in names
+             if (m := _TEMPORARY.search(n)) and any(n[:m.start()] == os.path.basename(c) for c in candidates)]
+    parts = parts_dir(args.output_prefix)
+    if os.path.isdir(parts):
+        found += [os.path.join(parts, n) for n in os.listdir(parts) if _PART_FILE.match(n) and _TEMPORARY.search(n)]
+    removed = [p for p in found if not _alive(int(_TEMPORARY.search(p).group(1)))]
+    for path in removed:
+        remove_quietly(path)
+    return removed
+
+
+def remove_parts(folder: str, temporary_only: bool) -> None:
+    """Delete the parts' files (or only their temporary ones); the folder too once empty. Files whose
+    names are not ours stay."""
+    if not os.path.isdir(folder):
         return
-    ctx = multiprocessing.get_context("spawn")  # no inherited tokenizer threads or open shard files
-    with ctx.Pool(workers, initializer=init_worker, initargs=(opts,)) as pool:
-        pending = collections.deque()
-        for chunk in chunks:
-            pending.append((chunk, pool.apply_async(process_chunk, (chunk,))))
-            while len(pending) >= 2 * workers + 2:
-                done, res = pending.popleft()
-                yield done, res.get()
-        while pending:
-            done, res = pending.popleft()
-            yield done, res.get()
+    for name in os.listdir(folder):
+        if _PART_FILE.match(name) and (not temporary_only or _TEMPORARY.search(name)):
+            remove_quietly(os.path.join(folder, name))
+    if not temporary_only and not os.listdir(folder):
+        os.rmdir(folder)
+
+
+# ------------------------------------------------------------------------------------------ restart
+
+def _versions(word_boundaries: str) -> dict:
+    names = {"unidic-lite": ("fugashi", "unidic-lite"), "sudachi": ("sudachipy", "sudachidict-core")}
+    out = {}
+    for name in names.get(word_boundaries, ()):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def settings_key(args, tokenizer, dtype) -> dict:
+    """Everything besides the input bytes that a part's shards depend on."""
+    return {"format": PART_FORMAT, "tokenizer": provenance.tokenizer_info(tokenizer), "keys": args.json_keys,
+            "word_boundaries": args.word_boundaries, "segmenter": _versions(args.word_boundaries),
+            "append_eod": args.append_eod, "dtype": np.dtype(dtype).str, "on_error": args.on_error,
+            "max_document_bytes": args.max_document_bytes}
+
+
+def part_key(settings: dict, part) -> str:
+    pieces = []
+    for p in part.pieces:
+        st = os.stat(p.path)
+        pieces.append([os.path.realpath(p.path), st.st_size, st.st_mtime_ns, p.kind, p.start, p.stop])
+    return hashlib.sha256(json.dumps([settings, pieces], sort_keys=True).encode()).hexdigest()
+
+
+def complete_record(folder: str, index: int, key: str) -> dict | None:
+    """The record of a part complete for these settings and inputs, or None (then it is redone)."""
+    try:
+        with open(record_path(folder, index), encoding="utf-8") as f:
+            record = json.load(f)
+        if record.get("format") != PART_FORMAT or record.get("key") != key:
+            return None
+        sizes_ok = all(os.path.getsize(os.path.join(folder, name)) == size for name, size in record["files"].items())
+        return record if sizes_ok else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------ merging
+
+class Merger:
+    """The output writers of every key; parts are appended strictly in input order as they finish."""
+
+    def __init__(self, args, dtype, folder: str):
+        self.args, self.folder, self.records, self.next = args, folder, {}, 0
+        self.writers = {}
+        for key in args.json_keys:  # filled one by one, so abort() sees each
+            prefix = output_prefix(args.output_prefix, key)
+            self.writers[key] = [indexed.IndexedDatasetWriter(prefix, dtype), None]
+            if args.word_boundaries != "none":
+                self.writers[key][1] = indexed.IndexedDatasetWriter(indexed.words_prefix(prefix), np.uint8)
+
+    def each(self):
+        return [w for pair in self.writers.values() for w in pair if w is not None]
+
+    def add(self, index: int, record: dict) -> None:
+        self.records[index] = record
+        while self.next in self.records:
+            for key, (tok_writer, word_writer) in self.writers.items():
+                prefix = part_prefix(self.folder, self.next, key)
+                tok_writer.add_shard(indexed.IndexedDataset(prefix))
+                if word_writer is not None:
+                    word_writer.add_shard(indexed.IndexedDataset(indexed.words_prefix(prefix)))
+            self.next += 1
+
+    def totals(self) -> dict:
+        out = {"documents": 0, "text_bytes": 0, "blank_lines": 0, "skipped": collections.Counter()}
+        for r in self.records.values():
+            for k in ("documents", "text_bytes", "blank_lines"):
+                out[k] += r[k]
+            out["skipped"].update(r["skipped"])
+        return out
+
+    def sidecars(self, tokenizer, n_files: int) -> dict:
+        """key -> temporary sidecar path (the shards are finalized first)."""
+        totals, out = self.totals(), {}
+        for key, (tok_writer, _) in self.writers.items():
+            counts = {"documents": tok_writer.n_docs, "tokens": tok_writer.n_tokens, "input_files": n_files,
+                      "zero_token_documents": sum(r["keys"][key]["zero_token_documents"]
+                                                  for r in self.records.values()),
+                      "skipped": totals["skipped"], "blank_lines": totals["blank_lines"],
+                      "text_bytes": totals["text_bytes"]}
+            record = provenance.shard_record(tokenizer, word_boundaries=self.args.word_boundaries, json_key=key,
+                                             append_eod=self.args.append_eod, dtype=tok_writer.dtype, counts=counts)
+            out[key] = provenance.write_sidecar(tok_writer.prefix, record, tok_writer.tag)
+        return out
+
+    def commit(self, tokenizer, n_files: int) -> None:
+        """Old sidecars go first and new ones come last, so a sidecar never describes another shard."""
+        for w in self.each():
+            w.finalize()
+        sidecars = self.sidecars(tokenizer, n_files)
+        for tok_writer, _ in self.writers.values():
+            remove_quietly(provenance.sidecar_path(tok_writer.prefix))
+        for w in self.each():
+            w.commit()
+        for key, tmp in sidecars.items():
+            os.replace(tmp, provenance.sidecar_path(self.writers[key][0].prefix))
+
+    def abort(self) -> None:
+        for w in self.each():
+            w.abort()
+            remove_quietly(provenance.sidecar_path(w.prefix) + w.tag)
+
+
+# ------------------------------------------------------------------------------------------- driver
+
+def _in_process(tasks, opts: dict):
+    """The worker's loop run in this process (--workers 1): the same messages as WorkerPool.run."""
+    tokenize_worker.init_worker(opts)
+    events = []
+    for part, key in tasks:
+        record = tokenize_worker.run_part(part, key, lambda docs, nbytes: events.append(("progress", docs, nbytes)))
+        yield from events
+        events.clear()
+        yield "done", part.index, record
 
 
 def _cpu_seconds(children: bool = True) -> float:
-    """CPU time of this process and (children) of its finished children (the pool's workers, once joined)."""
+    """CPU time of this process and (children) of its finished children (the workers, once joined)."""
     import resource
 
     who = (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) if children else (resource.RUSAGE_SELF,)
     return sum(resource.getrusage(w).ru_utime + resource.getrusage(w).ru_stime for w in who)
 
 
-class Stats:
-    def __init__(self):
-        self.start, self.start_cpu, self.start_main_cpu = time.time(), _cpu_seconds(), _cpu_seconds(False)
-        self.docs = self.tokens = self.text_bytes = self.blank_lines = 0
-        self.skipped = collections.Counter()
+class Progress:
+    """Input bytes done across all workers (tqdm gives MB/s and the ETA), documents and tokens."""
 
-    def add(self, result: ChunkResult, n_tokens: int) -> None:
-        self.docs += result.n_docs
-        self.tokens += n_tokens
-        self.text_bytes += result.n_text_bytes
-        self.blank_lines += result.blank_lines
-        self.skipped.update(code for _, code, _ in result.errors)
+    def __init__(self, total: int, done: int, docs: int, quiet: bool):
+        from tqdm import tqdm
 
-    def rates(self) -> str:
-        dt = max(time.time() - self.start, 1e-9)
-        return f"{self.docs / dt:,.0f} docs/s, {self.text_bytes / dt / 1e6:.2f} MB/s, {self.tokens / dt:,.0f} tok/s"
+        self.start, self.docs, self.docs0 = time.time(), docs, docs
+        self.bar = tqdm(total=total, initial=done, unit="B", unit_scale=True, disable=quiet, file=sys.stderr,
+                        mininterval=0.5, desc="preprocess", dynamic_ncols=True)
 
-    def summary(self) -> dict:
-        return {"documents": self.docs, "tokens": self.tokens, "skipped": dict(self.skipped),
-                "skipped_total": sum(self.skipped.values()), "blank_lines": self.blank_lines,
-                "text_bytes": self.text_bytes, "seconds": round(time.time() - self.start, 3),
-                "cpu_seconds": round(_cpu_seconds() - self.start_cpu, 3),
-                "main_cpu_seconds": round(_cpu_seconds(False) - self.start_main_cpu, 3)}
+    def update(self, docs: int, nbytes: int) -> None:
+        self.docs += docs
+        self.bar.update(nbytes)
+        rate = (self.docs - self.docs0) / max(time.time() - self.start, 1e-9)
+        self.bar.set_postfix_str(f"{self.docs:,} docs, {rate:,.0f} docs/s", refresh=False)
 
 
-def _make_writers(args, dtype, writers: dict) -> None:
-    """Fill `writers` (key -> (token writer, word writer or None)) one by one, so cleanup sees each."""
-    for key in args.json_keys:
-        prefix = output_prefix(args.output_prefix, key)
-        writers[key] = (indexed.IndexedDatasetWriter(prefix, dtype), None)
-        if args.word_boundaries != "none":
-            writers[key] = (writers[key][0], indexed.IndexedDatasetWriter(indexed.words_prefix(prefix), np.uint8))
+def _interrupted(folder: str, merger: Merger | None, n_parts: int) -> str:
+    done = len(merger.records) if merger else 0
+    return (f"{done} of {n_parts} parts are complete in {folder}: rerun the same command to do only the rest, "
+            "or delete that folder")
 
 
-def _each(writers: dict):
-    return [w for pair in writers.values() for w in pair if w is not None]
+def _plan(args):
+    paths = select_slice(expand_inputs(args.input), args.slice)
+    check_outputs(args, paths)
+    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+    build_segmenter(args.word_boundaries)  # fail now, not in a worker, if the segmenter is missing
+    return paths, tokenizer, plan_parts(paths, max(1, int(args.part_size_mb * 1e6)))
 
 
-def _write(writers, result: ChunkResult, empty: collections.Counter) -> int:
-    n = 0
-    for key, (parts, lengths, words) in result.tokens.items():
-        tok_writer, word_writer = writers[key]
-        tok_writer.add_parts(parts, lengths)
-        if word_writer is not None:
-            word_writer.add_parts(words, lengths)
-        n += int(lengths.sum())
-        empty[key] += int(np.count_nonzero(lengths == 0))
-    return n
+def _worker_opts(args, dtype, folder: str) -> dict:
+    return {"keys": args.json_keys, "tokenizer_type": args.tokenizer_type, "tokenizer_model": args.tokenizer_model,
+            "word_boundaries": args.word_boundaries, "append_eod": args.append_eod, "dtype": np.dtype(dtype).str,
+            "parts_dir": folder, "on_error": args.on_error, "max_document_bytes": args.max_document_bytes}
 
 
-def _sidecars(args, tokenizer, writers: dict, stats, empty, n_files: int) -> dict:
-    """key -> temporary sidecar path, written once every shard is finalized."""
-    out = {}
-    for key, (tok_writer, _) in writers.items():
-        counts = {"documents": tok_writer.n_docs, "tokens": tok_writer.n_tokens, "zero_token_documents": empty[key],
-                  "skipped": stats.skipped, "blank_lines": stats.blank_lines, "input_files": n_files,
-                  "text_bytes": stats.text_bytes}
-        record = provenance.shard_record(tokenizer, word_boundaries=args.word_boundaries, json_key=key,
-                                         append_eod=args.append_eod, dtype=tok_writer.dtype, counts=counts)
-        out[key] = provenance.write_sidecar(tok_writer.prefix, record, tok_writer.tag)
-    return out
+def _resume(parts: list, folder: str, settings: dict) -> tuple[dict, list]:
+    """(index -> record of each part complete from an earlier run, [(part, key)] of those to do)."""
+    keys = [part_key(settings, p) for p in parts]
+    reused = {p.index: r for p in parts if (r := complete_record(folder, p.index, keys[p.index]))}
+    return reused, [(p, keys[p.index]) for p in parts if p.index not in reused]
 
 
-def _commit(writers: dict, sidecars: dict) -> None:
-    """Old sidecars go first and new ones come last, so a sidecar never describes another shard."""
-    for tok_writer, _ in writers.values():
-        if os.path.exists(provenance.sidecar_path(tok_writer.prefix)):
-            os.unlink(provenance.sidecar_path(tok_writer.prefix))
-    for w in _each(writers):
-        w.commit()
-    for key, tmp in sidecars.items():
-        os.replace(tmp, provenance.sidecar_path(writers[key][0].prefix))
+def _execute(args, todo: list, opts: dict, merger: Merger, progress: Progress, clock: dict) -> None:
+    """Run the parts to do (in workers, or here with --workers 1), appending each as it finishes."""
+    pool = WorkerPool(min(args.workers, len(todo)), opts) if args.workers > 1 and todo else None
+    clock["startup"] = _cpu_seconds(False) - clock["main"]  # fixed costs: tokenizer hash, plan, starting workers
+    try:
+        for message in (pool.run(todo) if pool else _in_process(todo, opts)):
+            if message[0] == "progress":
+                progress.update(message[1], message[2])
+            else:
+                merger.add(message[1], message[2])
+    finally:
+        if pool:
+            pool.close()
 
 
-def _check_errors(result: ChunkResult, on_error: str) -> None:
-    if result.errors and on_error == "fail":
-        line, code, message = result.errors[0]
-        raise PreprocessError(f"{result.path}:{line}: {message} [{code}]; fix the line or pass --on-error skip")
-
-
-def _progress(total: int, quiet: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="B", unit_scale=True, disable=quiet, file=sys.stderr, mininterval=0.5,
-                desc="preprocess", dynamic_ncols=True)
+def _summary(args, merger: Merger, n_parts: int, n_reused: int, clock: dict) -> dict:
+    totals, records = merger.totals(), merger.records.values()
+    return {"documents": totals["documents"], "tokens": sum(w.n_tokens for w, _ in merger.writers.values()),
+            "skipped": dict(totals["skipped"]), "skipped_total": sum(totals["skipped"].values()),
+            "blank_lines": totals["blank_lines"], "text_bytes": totals["text_bytes"],
+            "zero_token_documents": sum(r["keys"][k]["zero_token_documents"] for r in records for k in args.json_keys),
+            "parts": n_parts, "parts_reused": n_reused, "workers": args.workers,
+            "peak_rss_mb": max((r.get("peak_rss_mb", 0) for r in records), default=0),
+            "seconds": round(time.time() - clock["wall"], 3), "cpu_seconds": round(_cpu_seconds() - clock["cpu"], 3),
+            "main_cpu_seconds": round(_cpu_seconds(False) - clock["main"], 3),
+            "main_cpu_startup_seconds": round(clock["startup"], 3),
+            "outputs": [output_prefix(args.output_prefix, k) for k in args.json_keys]}
 
 
 def run(args) -> dict:
-    """Preprocess per `args` (see parse_args); return the summary. Raises PreprocessError on bad input."""
-    paths = select_slice(expand_inputs(args.input), args.slice)
-    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+    """Preprocess per `args` (see parse_args); return the summary. Raises PartFailed on bad input,
+    WorkerDied when a worker dies."""
+    clock = {"wall": time.time(), "cpu": _cpu_seconds(), "main": _cpu_seconds(False)}
+    paths, tokenizer, parts = _plan(args)
     dtype = indexed.optimal_dtype(tokenizer.vocab_size)
-    opts = {"keys": args.json_keys, "tokenizer_type": args.tokenizer_type, "tokenizer_model": args.tokenizer_model,
-            "word_boundaries": args.word_boundaries, "append_eod": args.append_eod, "dtype": np.dtype(dtype).str}
-    build_segmenter(args.word_boundaries)  # fail now, not in a worker, if the segmenter is missing
-    stats, bar = Stats(), _progress(sum(os.path.getsize(p) for p in paths), args.quiet)
-    writers, sidecars, empty = {}, {}, collections.Counter()
+    folder = parts_dir(args.output_prefix)
+    remove_leftovers(args)
+    os.makedirs(folder, exist_ok=True)
+    reused, todo = _resume(parts, folder, settings_key(args, tokenizer, dtype))
+    progress = Progress(sum(p.size for p in parts), sum(parts[i].size for i in reused),
+                        sum(r["documents"] for r in reused.values()), args.quiet)
+    merger = None
     try:
-        _make_writers(args, dtype, writers)  # inside try: a signal from here on cleans up
-        for chunk, result in ordered_results(iter_chunks(paths, args.max_document_bytes), opts, args.workers):
-            _check_errors(result, args.on_error)
-            stats.add(result, _write(writers, result, empty))
-            bar.update(chunk.file_bytes)
-            bar.set_postfix_str(stats.rates(), refresh=False)
-        for w in _each(writers):
-            w.finalize()
-        sidecars = _sidecars(args, tokenizer, writers, stats, empty, len(paths))
-        _commit(writers, sidecars)  # only once every shard is complete
-    except BaseException:
-        for w in _each(writers):
-            w.abort()
-        for tmp in sidecars.values():
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        merger = Merger(args, dtype, folder)  # inside try: a signal from here on cleans up
+        for index in sorted(reused):
+            merger.add(index, reused[index])
+        _execute(args, todo, _worker_opts(args, dtype, folder), merger, progress, clock)
+        merger.commit(tokenizer, len(paths))
+    except BaseException as err:
+        if merger:
+            merger.abort()
+        bad_input = isinstance(err, PartFailed)  # the input must change: its parts are of no use
+        remove_parts(folder, temporary_only=not bad_input)
+        if not bad_input:
+            err.add_note(_interrupted(folder, merger, len(parts)))
         raise
     finally:
-        bar.close()
-    summary = stats.summary()
-    summary["zero_token_documents"] = sum(empty.values())
-    summary["outputs"] = [output_prefix(args.output_prefix, k) for k in args.json_keys]
-    return summary
+        progress.bar.close()
+    remove_parts(folder, temporary_only=False)
+    return _summary(args, merger, len(parts), len(reused), clock)
 
 
 def print_summary(summary: dict) -> None:
     skipped = ", ".join(f"{REASONS.get(k, k)}: {v}" for k, v in sorted(summary["skipped"].items())) or "none"
     print(f"documents {summary['documents']:,} | tokens {summary['tokens']:,} | zero-token documents "
           f"{summary['zero_token_documents']:,} | skipped {summary['skipped_total']:,} ({skipped}) | blank lines "
-          f"{summary['blank_lines']:,} | {summary['seconds']:.1f} s", file=sys.stderr)
+          f"{summary['blank_lines']:,} | parts {summary['parts']:,} ({summary['parts_reused']:,} kept from an "
+          f"earlier run) | {summary['seconds']:.1f} s", file=sys.stderr)
     print(json.dumps(summary, ensure_ascii=False))
 
 
@@ -484,13 +456,30 @@ def _terminate(signum, frame):
     raise SystemExit(128 + signum)  # unwinds through run(), which deletes the temporary files
 
 
+def _notes(err: BaseException) -> str:
+    return "".join(f"; {n}" for n in getattr(err, "__notes__", ()))
+
+
 def main(argv=None) -> int:
+    """Exit status 0, 2 for bad input or an unwritable output (one `error:` line), 1 when a worker
+    died or failed, 128+N on signal N."""
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
     try:
         summary = run(args)
-    except (PreprocessError, FileNotFoundError, ValueError, ImportError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (PartFailed, InputError, FileNotFoundError, ValueError, ImportError) as err:
+        print(f"error: {err}{_notes(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a read-only folder, a full disk: no traceback from deep inside
+        print(f"error: {describe_os_error(err) or f'{err.filename}: {err.strerror}'}{_notes(err)}", file=sys.stderr)
+        return 2
+    except (WorkerDied, RuntimeError) as err:
+        print(f"error: {err}{_notes(err)}", file=sys.stderr)
         return 1
+    except (SystemExit, KeyboardInterrupt) as err:
+        print(f"stopped{_notes(err)}", file=sys.stderr)
+        if isinstance(err, KeyboardInterrupt):
+            return 130
+        raise
     print_summary(summary)
     return 0

@@ -75,17 +75,6 @@ def test_two_workers_write_the_same_bytes_as_one(tmp_path):
             assert a == b
 
 
-def test_chunks_keep_input_order_across_workers(tmp_path, monkeypatch):
-    from megatron_jp.data import preprocess as pp
-
-    monkeypatch.setattr(pp, "CHUNK_LINES", 7)  # many small chunks in flight at once
-    src = write_jsonl(tmp_path / "in.jsonl", [{"text": f"doc {i:04d}"} for i in range(200)])
-    args = pp.parse_args(["--input", src, "--output-prefix", str(tmp_path / "o"), "--workers", "2", "--quiet", *BYTE])
-    pp.run(args)
-    ds = IndexedDataset(str(tmp_path / "o_text_document"))
-    assert [ByteTokenizer().decode(ds[i]) for i in range(200)] == [f"doc {i:04d}" for i in range(200)]
-
-
 def test_word_flags_shard_matches_token_lengths_with_sentencepiece(tmp_path):
     model = train_spm(tmp_path)
     src = write_jsonl(tmp_path / "in.jsonl", documents(20))
@@ -115,7 +104,7 @@ def test_bad_line_fails_with_file_line_and_reason(tmp_path, reason):
     raw, message = BAD_LINES[reason]
     src = write_jsonl(tmp_path / "in.jsonl", [], [GOOD, GOOD, raw, GOOD])
     proc = preprocess("--input", src, "--output-prefix", tmp_path / "o", *BYTE, check=False)
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # bad input: one `error:` line, status 2 (issue 19 item 16)
     assert f"{src}:3:" in proc.stderr and message in proc.stderr
     assert shard_files(tmp_path) == []  # nothing that looks like a shard, not even a temporary one
     assert not glob.glob(str(tmp_path / "o*"))
@@ -140,7 +129,7 @@ def _truncated_gz(path, n_lines=2000):
 def test_truncated_gz_fails_naming_the_file(tmp_path):
     src = _truncated_gz(tmp_path / "cut.jsonl.gz")
     proc = preprocess("--input", src, "--output-prefix", tmp_path / "o", *BYTE, check=False)
-    assert proc.returncode == 1 and src in proc.stderr and "truncated or corrupt gzip" in proc.stderr
+    assert proc.returncode == 2 and src in proc.stderr and "truncated or corrupt gzip" in proc.stderr
     assert shard_files(tmp_path) == []
 
 
@@ -168,7 +157,7 @@ def huge(tmp_path_factory):
 def test_50mb_document_is_refused_above_the_limit_with_the_reason(tmp_path, huge):
     src, _ = huge
     proc = preprocess("--input", src, "--output-prefix", tmp_path / "o", *BYTE, check=False)
-    assert proc.returncode == 1 and f"{src}:2:" in proc.stderr and "exceeds --max-document-bytes" in proc.stderr
+    assert proc.returncode == 2 and f"{src}:2:" in proc.stderr and "exceeds --max-document-bytes" in proc.stderr
     s = summary_of(preprocess("--input", src, "--output-prefix", tmp_path / "o", *BYTE, "--on-error", "skip"))
     assert s["skipped"] == {"too_large": 1} and s["documents"] == 1
 
@@ -209,14 +198,24 @@ def test_killed_run_leaves_no_complete_shard(tmp_path):
     assert shard_files(tmp_path) == []
 
 
+def test_next_run_over_the_prefix_removes_what_a_killed_run_left(tmp_path):
+    start_and_signal_mid_write(tmp_path, signal.SIGKILL).wait()
+    left = glob.glob(str(tmp_path / "o*.tmp*")) + glob.glob(str(tmp_path / "o.parts" / "*.tmp*"))
+    assert left  # what SIGKILL leaves: nothing can clean up in the killed process
+    preprocess("--input", tmp_path / "in.jsonl", "--output-prefix", tmp_path / "o", *BYTE)
+    assert not glob.glob(str(tmp_path / "**" / "*.tmp*"), recursive=True)
+    assert len(IndexedDataset(str(tmp_path / "o_text_document"))) == 3000
+
+
 def test_terminated_run_removes_its_temporary_files(tmp_path):
     assert start_and_signal_mid_write(tmp_path, signal.SIGTERM).wait() != 0
     assert not glob.glob(str(tmp_path / "o_*"))
+    assert not glob.glob(str(tmp_path / "o.parts" / "*.tmp*"))  # complete parts stay for a rerun, nothing else
 
 
 def test_missing_input_is_an_error(tmp_path):
     proc = preprocess("--input", str(tmp_path / "nope*.jsonl"), "--output-prefix", tmp_path / "o", *BYTE, check=False)
-    assert proc.returncode == 1 and "glob matched nothing" in proc.stderr
+    assert proc.returncode == 2 and "glob matched nothing" in proc.stderr
 
 
 def test_blank_lines_are_ignored_not_errors(tmp_path):

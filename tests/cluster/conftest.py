@@ -52,6 +52,34 @@ def slurm(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def nodes(tmp_path_factory):
+    """Three network namespaces on this host: a head and two nodes (netns.py), checked clean at the end."""
+    from netns import NodesUnavailable, VirtualCluster
+
+    cluster = VirtualCluster(tmp_path_factory.mktemp("nodes"))
+    try:
+        cluster.start()
+    except NodesUnavailable as e:
+        pytest.skip(f"no two-node cluster here: {e}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        assert cluster.leftovers() == [], f"left behind: {cluster.leftovers()}"
+
+
+@pytest.fixture(scope="session")
+def slurm2(nodes, tmp_path_factory):
+    """slurmctld on the head, a slurmd on each of node1 and node2 (munged here, its socket shared)."""
+    from netns import netns_pids
+    from slurm_cluster import SlurmCluster
+
+    yield from running(SlurmCluster(tmp_path_factory.mktemp("slurm2"), nodes=nodes), "slurm", "SLURM (two nodes)")
+    left = {h.name: netns_pids(h.netns) - {h.keeper.pid} for h in nodes.hosts.values()}
+    assert not any(left.values()), f"processes of the two-node SLURM outlived it: {left}"
+
+
+@pytest.fixture(scope="session")
 def gridengine(tmp_path_factory):
     """sge_qmaster + sge_execd on this host, the host as the one execution host."""
     from gridengine_cluster import GridEngineCluster

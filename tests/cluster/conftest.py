@@ -85,3 +85,12 @@ def gridengine(tmp_path_factory):
     from gridengine_cluster import GridEngineCluster
 
     yield from running(GridEngineCluster(tmp_path_factory.mktemp("sge")), "gridengine", "Grid Engine")
+
+
+@pytest.fixture(scope="session")
+def gridengine2(nodes, tmp_path_factory):
+    """sge_qmaster on the head, an execution host (sge_execd) on each of node1 and node2."""
+    from gridengine_cluster import GridEngineCluster
+
+    yield from running(GridEngineCluster(tmp_path_factory.mktemp("sge2"), nodes=nodes), "gridengine",
+                       "Grid Engine (two nodes)")

@@ -7,7 +7,8 @@ node's address), every client command on the head, and munged here (its socket i
 all as on a cluster that shares one munge key). Running as root in a container-like machine
 needs: SlurmUser/SlurmdUser root, proctrack/linuxproc (no cgroup hierarchy to delegate),
 task/none (no affinity plugins), no accounting (finished jobs stay visible to scontrol for
-MinJobAge seconds, which is how their states are read), and private ports and munge socket, so
+MinJobAge seconds, which is how their states are read), cred_expire=10 (a requeued job waits that long
+before it starts again, 120 s by default), and private ports and munge socket, so
 that nothing on the host (another test run, a system munge) is touched. Job ids start at a random
 number: the scripts derive their rendezvous port from the job id, and two test sessions on one host
 must not both start at job 1.
@@ -126,7 +127,7 @@ SlurmctldPort={free_port()}
 SlurmdPort={free_port()}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={r / 'munge' / 'socket'}
+AuthInfo=socket={r / 'munge' / 'socket'},cred_expire=10
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={r / 'state'}

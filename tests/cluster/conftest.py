@@ -1,6 +1,7 @@
 """Fixtures of the cluster tests: the integration helpers (train_runs.py), shards of the bundled corpus,
 and real schedulers on this host: SLURM (slurm_cluster.py) and Grid Engine (gridengine_cluster.py)."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))  # 
 from train_runs import ROOT, make_shards  # noqa: E402
 
 
+HOW_TO_RUN = ("run them as root with `bash tests/run.sh tests/cluster` (it installs SLURM, Grid Engine and "
+              "OpenMPI from Debian's packages: tools/install_test_schedulers.sh says which and why)")
+
+
+def unavailable(reason: str):
+    """Skip, saying how to run these tests; in CI (MEGATRON_JP_CLUSTER_TESTS=required, .ci/run) fail instead."""
+    if os.environ.get("MEGATRON_JP_CLUSTER_TESTS") == "required":
+        pytest.fail(f"{reason} (MEGATRON_JP_CLUSTER_TESTS=required: the cluster tests must run here)")
+    pytest.skip(f"{reason}; {HOW_TO_RUN}")
+
+
+def pytest_collection_modifyitems(config, items):
+    """MEGATRON_JP_CLUSTER_TESTS=skip: every test of this folder skips, saying how to run it."""
+    if os.environ.get("MEGATRON_JP_CLUSTER_TESTS") == "skip":
+        marker = pytest.mark.skip(reason=f"skipped by MEGATRON_JP_CLUSTER_TESTS=skip; {HOW_TO_RUN}")
+        for item in items:
+            if Path(str(item.fspath)).parent == Path(__file__).parent:
+                item.add_marker(marker)
+
+
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory) -> str:
     return make_shards(tmp_path_factory.mktemp("shards"))
@@ -20,22 +41,22 @@ def shards(tmp_path_factory) -> str:
 def running(cluster, packages: str, name: str):
     """Install `packages` (tools/install_test_schedulers.sh) if absent, start `cluster`, yield it, stop it.
 
-    Skipped, with the reason, where the scheduler cannot be installed (not root, no apt, offline);
-    one that is installed but does not start is an error. Every job is cancelled and every daemon
-    stopped at the end, whatever happened.
+    Skipped, with the reason and how to run them, where the scheduler cannot be installed (not root, no
+    apt, offline) or the user said MEGATRON_JP_CLUSTER_TESTS=skip; one that is installed but does not
+    start is an error. Every job is cancelled and every daemon stopped at the end, whatever happened.
     """
     from slurm_cluster import SchedulerUnavailable
 
     install = subprocess.run(["bash", str(ROOT / "tools" / "install_test_schedulers.sh"), packages],
                              capture_output=True, text=True, timeout=900)
     if install.returncode != 0:
-        pytest.skip(f"{name} not available: {install.stderr.strip()[-500:]}")
+        unavailable(f"{name} not available: {install.stderr.strip()[-500:]}")
     try:
         cluster.start()
     except SchedulerUnavailable as e:
         cluster.stop()
         if "not installed" in str(e) or "as root" in str(e):
-            pytest.skip(f"{name} not available: {e}")
+            unavailable(f"{name} not available: {e}")
         pytest.fail(f"{name} did not start: {e}")
     try:
         yield cluster
@@ -60,7 +81,7 @@ def nodes(tmp_path_factory):
     try:
         cluster.start()
     except NodesUnavailable as e:
-        pytest.skip(f"no two-node cluster here: {e}")
+        unavailable(f"no two-node cluster here: {e}")
     try:
         yield cluster
     finally:

@@ -13,7 +13,8 @@ import time
 import pytest
 
 from faults import FAULT_STEP
-from netns import VirtualCluster
+from conftest import unavailable
+from netns import NodesUnavailable, VirtualCluster
 from tasks import srun_like
 from train_runs import base_args, losses
 
@@ -31,7 +32,10 @@ def run_args(shards, run_dir):
 def cluster(tmp_path):
     """Namespaces of its own (not the schedulers' `nodes`): this test destroys one of them."""
     nodes = VirtualCluster(tmp_path / "nodes", tag="lost")
-    nodes.start()
+    try:
+        nodes.start()
+    except NodesUnavailable as e:
+        unavailable(f"no two-node cluster here: {e}")
     try:
         yield nodes
     finally:
@@ -48,7 +52,10 @@ def on_node1(cluster, shards, run_dir, port, logs, **kwargs):
 def uninterrupted(shards, tmp_path_factory):
     folder = tmp_path_factory.mktemp("uninterrupted")
     nodes = VirtualCluster(folder / "nodes", tag="ref")
-    nodes.start()
+    try:
+        nodes.start()
+    except NodesUnavailable as e:
+        unavailable(f"no two-node cluster here: {e}")
     try:
         tasks = on_node1(nodes, shards, folder / "run", 29400, folder / "logs")
         try:

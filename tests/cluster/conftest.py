@@ -92,12 +92,10 @@ def nodes(tmp_path_factory):
 @pytest.fixture(scope="session")
 def slurm2(nodes, tmp_path_factory):
     """slurmctld on the head, a slurmd on each of node1 and node2 (munged here, its socket shared)."""
-    from netns import netns_pids
     from slurm_cluster import SlurmCluster
 
     yield from running(SlurmCluster(tmp_path_factory.mktemp("slurm2"), nodes=nodes), "slurm", "SLURM (two nodes)")
-    left = {h.name: netns_pids(h.netns) - {h.keeper.pid} for h in nodes.hosts.values()}
-    assert not any(left.values()), f"processes of the two-node SLURM outlived it: {left}"
+    assert_no_process_left(nodes, "the two-node SLURM")
 
 
 @pytest.fixture(scope="session")
@@ -115,3 +113,12 @@ def gridengine2(nodes, tmp_path_factory):
 
     yield from running(GridEngineCluster(tmp_path_factory.mktemp("sge2"), nodes=nodes), "gridengine",
                        "Grid Engine (two nodes)")
+    assert_no_process_left(nodes, "the two-node Grid Engine")
+
+
+def assert_no_process_left(nodes, what: str):
+    """Once a scheduler has stopped, its hosts hold nothing but their keepers (stop() would hide a leak)."""
+    from netns import netns_pids
+
+    left = {h.name: netns_pids(h.netns) - {h.keeper.pid} for h in nodes.hosts.values()}
+    assert not any(left.values()), f"processes of {what} outlived it: {left}"

@@ -159,7 +159,8 @@ class GridEngineCluster:
         self._load(["qconf", "-Mc"], complexes)
         # one host for all slots, or (on the nodes) one slot per host: -pe f_node 2 spans both nodes
         self._load(["qconf", "-Ap"], PE if self.nodes is None else PE.replace("$fill_up", "1"))
-        queue = (f"qname all.q\nhostlist {' '.join(self.exec_hosts)}\nseq_no 0\nload_thresholds NONE\nsuspend_thresholds NONE\n"
+        queue = (f"qname all.q\nhostlist {' '.join(self.exec_hosts)}\nseq_no 0\nload_thresholds NONE\n"
+                 f"suspend_thresholds NONE\n"
                  f"nsuspend 1\nsuspend_interval 00:05:00\npriority 0\nmin_cpu_interval 00:05:00\n"
                  f"processors UNDEFINED\nqtype BATCH INTERACTIVE\nckpt_list NONE\npe_list f_node\nrerun FALSE\n"
                  f"slots {self.cpus}\ntmpdir {tmp}\nshell /bin/bash\nprolog NONE\nepilog NONE\n"

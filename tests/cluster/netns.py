@@ -6,14 +6,15 @@
 
 Each host is a network namespace with its own hostname and /etc/hosts: a `sleep` keeper process holds
 a UTS namespace and a private mount namespace in which a hosts file of ours is bound over /etc/hosts
-(not `ip netns exec`, whose fresh /sys lacks the cgroup mounts slurmd needs); the nodes hang off a bridge inside the head's namespace by veth pairs. Nothing is
-added to this host's own network: traffic stays on links inside the namespaces made here (a private
-/24 that nothing else uses), and the host sees only the namespaces' names in /run/netns.
+(not `ip netns exec`, whose fresh /sys lacks the cgroup mounts slurmd needs). The nodes hang off a
+bridge inside the head's namespace by veth pairs: nothing is added to this host's own network, traffic
+stays on links inside the namespaces made here (a private /24 that nothing else uses), and the host
+sees only the namespaces' names in /run/netns.
 
 Files are shared as on a real cluster with a shared file system (same disk), and so is munge's
 socket (a file). `lose(host)` pulls a node's link and kills its processes, as a host that vanishes.
-`stop()` kills every process in the namespaces and deletes them, and
-`leftovers()` lists whatever would still be there (the fixtures assert it is nothing).
+`stop()` kills every process in the namespaces and deletes them; `leftovers()` lists whatever would
+still be there: namespaces, keepers, veths, mounts (the fixtures assert it is nothing).
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ def srun_like(args: list[str], world: int, port: int, logs: Path, fault: str = "
     group = Tasks()
     for rank in range(world):
         prefix = hosts[rank].prefix() if hosts else []
-        local = sum(1 for r in range(rank) if hosts and hosts[r].name == hosts[rank].name) if hosts else rank
+        local = [h.name for h in hosts[:rank]].count(hosts[rank].name) if hosts else rank
         env = {**environment(), "SLURM_NTASKS": str(world), "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(local),
                "MASTER_ADDR": master, "MASTER_PORT": str(port), **extra_env}
         log = logs / f"rank{rank}.log"

@@ -46,6 +46,9 @@ export MASTER_ADDR MASTER_PORT
 # INDEX_CACHE_DIR to a lasting folder to build it once. Compiled kernels stay in RUN_DIR/compile_cache
 # (train.compile_cache_dir), so a chained job does not compile again.
 SCRATCH=${TMPDIR:-${TMP:-/tmp}}/megatron_jp
+# mpirun drops TMPDIR from the torchrun it starts on its own node (seen with Debian's OpenMPI 4.1): that
+# one falls back to this node's scratch, passed along as MEGATRON_JP_TMPDIR
+export MEGATRON_JP_TMPDIR=${TMPDIR:-${TMP:-/tmp}}
 
 # gloo takes an interface name (default: the one holding the first host's address), NCCL exclusions.
 MASTER_IP=$(getent ahostsv4 "$MASTER_ADDR" | awk 'NR == 1 {print $1}' || true)
@@ -65,12 +68,12 @@ TRAIN=(torchrun --nnodes="$NNODES" --nproc-per-node="$GPUS_PER_NODE"
        -m megatron_jp.train --config "$CONFIG" "$@")
 case " $* " in
   *" --data.cache_dir "*) ;;  # the command line names it
-  *) NODE_LOCAL='exec "$@" --data.cache_dir "${INDEX_CACHE_DIR:-${TMPDIR:-/tmp}/megatron_jp/index_cache}"'
+  *) NODE_LOCAL='exec "$@" --data.cache_dir "${INDEX_CACHE_DIR:-${TMPDIR:-$MEGATRON_JP_TMPDIR}/megatron_jp/index_cache}"'
      TRAIN=(bash -c "$NODE_LOCAL" bash "${TRAIN[@]}") ;;
 esac
 # what the remote torchruns need of this environment (mpirun and qrsh start them afresh)
 PASS=(PATH LD_LIBRARY_PATH PYTHONPATH VIRTUAL_ENV MASTER_ADDR MASTER_PORT OMP_NUM_THREADS HF_HUB_OFFLINE
-      TORCH_NCCL_ASYNC_ERROR_HANDLING INDEX_CACHE_DIR
+      TORCH_NCCL_ASYNC_ERROR_HANDLING INDEX_CACHE_DIR MEGATRON_JP_TMPDIR
       $(compgen -e | grep -E '^(NCCL|GLOO|UCX)_' || true))
 
 echo "rendezvous: $MASTER_ADDR:$MASTER_PORT, $NNODES node(s) (${HOSTS[*]}) of job ${JOB_ID:-?}," \

@@ -50,7 +50,8 @@ def test_torchrun_per_node_from_the_pe_hostfile_with_mpirun(tmp_path):
     words = shlex.split(command)
     script = words[words.index("-c") + 1]
     assert words[words.index("-c") - 1] == "bash" and words[words.index("-c") + 2:][:2] == ["bash", "torchrun"]
-    assert script == 'exec "$@" --data.cache_dir "${INDEX_CACHE_DIR:-${TMPDIR:-/tmp}/megatron_jp/index_cache}"'
+    assert script == 'exec "$@" --data.cache_dir "${INDEX_CACHE_DIR:-${TMPDIR:-$MEGATRON_JP_TMPDIR}/megatron_jp/index_cache}"'
+    assert " -x MEGATRON_JP_TMPDIR " in command
     named = dry_run(tmp_path, TWO_NODES, (CONFIG, "--data.cache_dir", "/x")).stdout  # the user's folder wins
     assert " bash -c " not in named and named.count("--data.cache_dir") == 1
     for name in ("PATH", "MASTER_ADDR", "NCCL_SOCKET_IFNAME", "TORCH_NCCL_ASYNC_ERROR_HANDLING"):  # to the other node

@@ -4,6 +4,7 @@ and real schedulers on this host: SLURM (slurm_cluster.py) and Grid Engine (grid
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -118,7 +119,9 @@ def gridengine2(nodes, tmp_path_factory):
 
 def assert_no_process_left(nodes, what: str):
     """Once a scheduler has stopped, its hosts hold nothing but their keepers (stop() would hide a leak)."""
-    from netns import netns_pids
+    from netns import live_pids
 
-    left = {h.name: netns_pids(h.netns) - {h.keeper.pid} for h in nodes.hosts.values()}
-    assert not any(left.values()), f"processes of {what} outlived it: {left}"
+    deadline = time.monotonic() + 10  # SIGKILLed daemons take a moment to go
+    while any(left := {h.name: live_pids(h.netns) - {h.keeper.pid} for h in nodes.hosts.values()}.values()):
+        assert time.monotonic() < deadline, f"processes of {what} outlived it: {left}"
+        time.sleep(0.2)

@@ -177,6 +177,16 @@ def netns_pids(netns: str) -> set[int]:
     return {int(p) for p in result.stdout.split()} if result.returncode == 0 else set()
 
 
+def live_pids(netns: str) -> set[int]:
+    """The namespace's processes that are not zombies (a dead daemon that no one has reaped yet)."""
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return False
+    return {pid for pid in netns_pids(netns) if alive(pid)}
+
+
 def _ip(*args: str, check: bool = True):
     result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
     if check and result.returncode != 0:

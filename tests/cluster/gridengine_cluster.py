@@ -198,24 +198,6 @@ class GridEngineCluster:
                 os.kill(int(pid_file.read_text().split()[0]), signal.SIGKILL)
             except (OSError, ValueError):
                 pass  # already gone
-        if self.nodes is not None:
-            self._end_job_leftovers()
-
-    def _end_job_leftovers(self):
-        """Processes that jobs left on the hosts once the daemons are gone (written to leftovers.txt for
-        whoever wonders why): ended here, as the daemons' own shutdown would on a real cluster."""
-        from netns import live_pids
-
-        left = [(h.name, pid) for h in self.nodes.hosts.values() for pid in live_pids(h.netns) - {h.keeper.pid}]
-        lines = []
-        for host, pid in left:
-            try:
-                lines.append(f"{host} {pid} {Path(f'/proc/{pid}/cmdline').read_text().replace(chr(0), ' ')}")
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass  # gone meanwhile
-        if lines:
-            (self.root / "leftovers.txt").write_text("\n".join(lines) + "\n")
 
     def logs(self, chars: int = 3000) -> str:
         return "\n".join(f"--- {p}:\n{p.read_text(errors='replace')[-chars:]}"

@@ -85,6 +85,8 @@ def nodes(tmp_path_factory):
         unavailable(f"no two-node cluster here: {e}")
     try:
         yield cluster
+        # the schedulers on it (slurm2, gridengine2) are stopped by now: nothing but the keepers is left
+        assert_no_process_left(cluster, "the two-node schedulers")
     finally:
         cluster.stop()
         assert cluster.leftovers() == [], f"left behind: {cluster.leftovers()}"
@@ -96,7 +98,6 @@ def slurm2(nodes, tmp_path_factory):
     from slurm_cluster import SlurmCluster
 
     yield from running(SlurmCluster(tmp_path_factory.mktemp("slurm2"), nodes=nodes), "slurm", "SLURM (two nodes)")
-    assert_no_process_left(nodes, "the two-node SLURM")
 
 
 @pytest.fixture(scope="session")
@@ -114,7 +115,6 @@ def gridengine2(nodes, tmp_path_factory):
 
     yield from running(GridEngineCluster(tmp_path_factory.mktemp("sge2"), nodes=nodes), "gridengine",
                        "Grid Engine (two nodes)")
-    assert_no_process_left(nodes, "the two-node Grid Engine")
 
 
 def assert_no_process_left(nodes, what: str):

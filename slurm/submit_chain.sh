@@ -5,6 +5,11 @@
 #   slurm/submit_chain.sh N [SBATCH_OPTIONS...] SCRIPT.sbatch CONFIG.yaml [--section.key VALUE ...]
 #   slurm/submit_chain.sh 5 --nodes=4 --time=24:00:00 slurm/pretrain_srun.sbatch examples/tohoku-bert-500m.yaml
 # sbatch options go before the script, in --option=value form. Prints the job ids, one a line.
+# Preemption and node failures: add --requeue (and --open-mode=append to keep each start's log):
+#   slurm/submit_chain.sh 5 --requeue --open-mode=append --nodes=4 slurm/pretrain_srun.sbatch CONFIG.yaml
+# SLURM then puts a preempted job, or one whose node failed, back in the queue under the same id (it
+# gets SIGTERM first: the run saves after the current step); it resumes from CKPT_DIR/latest, with the
+# losses of an uninterrupted run (tests/cluster/test_requeue.py).
 # A job that starts after training is complete prints "nothing to do" and ends at once.
 set -euo pipefail
 N=${1:?usage: slurm/submit_chain.sh N [SBATCH_OPTIONS...] SCRIPT.sbatch CONFIG.yaml [overrides...]}

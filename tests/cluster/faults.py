@@ -4,11 +4,14 @@ publication of the checkpoint of step FAULT_STEP (10), as a node fails at the wo
     peer-dies-while-rank0-publishes  rank 1 passes the "every file is written" gathering of hashes,
                                      then is SIGKILLed while rank 0 renames the folder and writes `latest`
     rank0-dies-while-publishing      rank 0 is SIGKILLed after renaming the folder, before `latest`
+    pause-while-saving               rank FAULT_RANK, about to write its pieces of that checkpoint, waits 3 s,
+                                     creates the file FAULT_MARKER and sleeps (the test pulls its host away)
 """
 
 import os
 import signal
 import sys
+import time
 
 from megatron_jp.training.checkpoint import checkpointer as checkpoint  # where the faults are injected
 
@@ -44,6 +47,18 @@ def inject(fault: str):
             return original(ckpt_dir, tmp, step, *args, **kwargs)
 
         checkpoint.publish = publish
+    elif fault == "pause-while-saving":
+        original_save = checkpoint.dcp_pieces.save
+
+        def save(state, tmp, *args, **kwargs):
+            if tmp.name == f".{checkpoint.iteration_name(FAULT_STEP)}.tmp" and \
+                    os.environ["SLURM_PROCID"] == os.environ["FAULT_RANK"]:
+                time.sleep(3)  # a few heartbeats: the others' watchdogs see this rank in the save
+                open(os.environ["FAULT_MARKER"], "w").close()
+                time.sleep(120)
+            return original_save(state, tmp, *args, **kwargs)
+
+        checkpoint.dcp_pieces.save = save
     else:
         raise SystemExit(f"unknown fault {fault!r}")
 

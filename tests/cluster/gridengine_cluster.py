@@ -6,6 +6,10 @@ TSUBAME 4.0 runs Altair Grid Engine, a descendant of the same code: qsub/qrsh an
 emulated: `node_f` is a requestable complex here (there it is a resource type that also picks the
 parallel environment), so the tests add `-pe f_node 1` on the qsub line.
 
+Given a `VirtualCluster` (netns.py), sge_qmaster runs on its head, an sge_execd on each node (an
+execution host per node, each with its own scratch folder as TMPDIR), and every client command on the
+head; a job's qrsh -inherit then crosses to the other node as on a real cluster.
+
 Container-like hosts: 127.0.0.1 resolves back to "localhost", not to the host's name, which Grid
 Engine refuses ("access denied: client IP resolved to host name localhost"); a host_aliases file
 makes them one host. Jobs run as root: min_uid/min_gid 0.
@@ -50,6 +54,22 @@ class GridEngineCluster:
     node: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
     cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
     ports: tuple = field(default_factory=lambda: (free_port(), free_port()))
+    nodes: object = None  # a started netns.VirtualCluster: an execd per node; None: this host alone
+
+    @property
+    def master(self) -> str:
+        return self.node if self.nodes is None else "head"
+
+    @property
+    def exec_hosts(self) -> list[str]:
+        return [self.node] if self.nodes is None else list(self.nodes.nodes)
+
+    def _on(self, host: str) -> list[str]:
+        return [] if self.nodes is None else self.nodes.hosts[host].prefix()
+
+    def scratch(self, host: str) -> Path:
+        """The folder under which an execution host makes each job's TMPDIR."""
+        return self.root / ("tmp" if self.nodes is None else f"tmp-{host}")
 
     @property
     def cell(self) -> Path:
@@ -59,7 +79,9 @@ class GridEngineCluster:
         return {**(os.environ if base is None else base), "SGE_ROOT": str(self.root), "SGE_CELL": "test",
                 "SGE_QMASTER_PORT": str(self.ports[0]), "SGE_EXECD_PORT": str(self.ports[1])}
 
-    def run(self, argv: list[str], check: bool = True, timeout_s: float = 30, env=None, cwd=None):
+    def run(self, argv: list[str], check: bool = True, timeout_s: float = 30, env=None, cwd=None, on: str = ""):
+        """`argv` on the master (or on host `on`)."""
+        argv = [*self._on(on or self.master), *argv]
         result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, env=self.env(env), cwd=cwd)
         if check and result.returncode != 0:
             raise AssertionError(f"{' '.join(argv)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
@@ -77,14 +99,20 @@ class GridEngineCluster:
         self._make_cell()
         self.run(["sge_qmaster"])  # forks into the background; its pid file lets stop() end it
         self._until(lambda: self.run(["qconf", "-sh"], check=False).returncode == 0, timeout_s, "qmaster answering")
-        self.run(["qconf", "-as", self.node])
-        self.run(["sge_execd"])
-        self._until(self._host_reports_load, timeout_s, f"execd of {self.node} reporting")
+        for host in dict.fromkeys([self.master, *self.exec_hosts]):  # qsub on the master, qrsh on the nodes
+            self.run(["qconf", "-as", host])
+            if self.nodes is not None:
+                self.run(["qconf", "-ah", host])  # an execd may register from an administrative host only
+        for host in self.exec_hosts:
+            self.run(["sge_execd"], on=host)
+        for host in self.exec_hosts:
+            self._until(lambda: self._host_reports_load(host), timeout_s, f"execd of {host} reporting")
         self._configure()
 
     def _make_cell(self):
         common = self.cell / "common"
-        for sub in (common, self.root / "spool" / "qmaster", self.root / "spool" / "execd", self.root / "tmp"):
+        for sub in (common, self.root / "spool" / "qmaster", self.root / "spool" / "execd",
+                    *(self.scratch(h) for h in self.exec_hosts)):
             sub.mkdir(parents=True, exist_ok=True)
         for name in ("bin", "lib", "utilbin"):
             (self.root / name).symlink_to(DEBIAN_SGE / name)
@@ -95,11 +123,12 @@ class GridEngineCluster:
             f"spooling_lib libspoolc\nspooling_params {spool}\nbinary_path /usr/sbin\n"
             f"qmaster_spool_dir {self.root / 'spool' / 'qmaster'}\nsecurity_mode none\n"
             f"listener_threads 2\nworker_threads 2\nscheduler_threads 1\n")
-        (common / "act_qmaster").write_text(self.node + "\n")
+        (common / "act_qmaster").write_text(self.master + "\n")
         # job ids (and so the scripts' rendezvous ports) start at a random number, as in slurm_cluster.py
         (self.root / "spool" / "qmaster" / "jobseqnum").write_text(f"{random.randrange(1000, 10**6)}\n")
-        names = {socket.gethostbyaddr(ip)[0] for ip in _addresses(self.node)} - {self.node}
-        (common / "host_aliases").write_text(" ".join([self.node, *sorted(names)]) + "\n")
+        if self.nodes is None:  # the namespaces' hosts files name every host once
+            names = {socket.gethostbyaddr(ip)[0] for ip in _addresses(self.node)} - {self.node}
+            (common / "host_aliases").write_text(" ".join([self.node, *sorted(names)]) + "\n")
         conf = (SHARE / "default-configuration").read_text()
         conf = conf.replace("/var/spool/gridengine/execd", str(self.root / "spool" / "execd"))
         conf = "\n".join("min_uid 0" if line.startswith("min_uid") else "min_gid 0" if line.startswith("min_gid")
@@ -113,22 +142,25 @@ class GridEngineCluster:
         for tool, *args in init:
             self.run([str(SGE_LIB / tool), *args])
 
-    def _host_reports_load(self) -> bool:
-        out = self.run(["qhost", "-h", self.node], check=False).stdout
-        line = next((l for l in out.splitlines() if l.startswith(self.node)), "")
+    def _host_reports_load(self, host: str) -> bool:
+        out = self.run(["qhost", "-h", host], check=False).stdout
+        line = next((l for l in out.splitlines() if l.startswith(host)), "")
         return len(line.split()) > 6 and line.split()[6] != "-"
 
     def _configure(self):
         """A fast scheduler, TSUBAME's node_f as a requestable number, a PE that allows qrsh -inherit,
-        and one queue on this host with its CPUs as slots."""
-        tmp = self.root / "tmp"
+        and one queue on the execution hosts with their CPUs as slots, each with its own scratch folder."""
+        tmp = ",".join([str(self.scratch(self.exec_hosts[0])),
+                        *(f"[{h}={self.scratch(h)}]" for h in self.exec_hosts[1:])])
         sconf = self.run(["qconf", "-ssconf"]).stdout
         sconf = _set(sconf, schedule_interval="0:0:1", flush_submit_sec="1", flush_finish_sec="1")
         self._load(["qconf", "-Msconf"], sconf)
         complexes = self.run(["qconf", "-sc"]).stdout.rstrip("\n") + "\nnode_f node_f INT <= YES NO 0 0\n"
         self._load(["qconf", "-Mc"], complexes)
-        self._load(["qconf", "-Ap"], PE)
-        queue = (f"qname all.q\nhostlist {self.node}\nseq_no 0\nload_thresholds NONE\nsuspend_thresholds NONE\n"
+        # one host for all slots, or (on the nodes) one slot per host: -pe f_node 2 spans both nodes
+        self._load(["qconf", "-Ap"], PE if self.nodes is None else PE.replace("$fill_up", "1"))
+        queue = (f"qname all.q\nhostlist {' '.join(self.exec_hosts)}\nseq_no 0\nload_thresholds NONE\n"
+                 f"suspend_thresholds NONE\n"
                  f"nsuspend 1\nsuspend_interval 00:05:00\npriority 0\nmin_cpu_interval 00:05:00\n"
                  f"processors UNDEFINED\nqtype BATCH INTERACTIVE\nckpt_list NONE\npe_list f_node\nrerun FALSE\n"
                  f"slots {self.cpus}\ntmpdir {tmp}\nshell /bin/bash\nprolog NONE\nepilog NONE\n"
@@ -157,7 +189,8 @@ class GridEngineCluster:
         """Delete every job, shut both daemons down, then kill what is left by pid."""
         if (self.cell / "common" / "act_qmaster").exists():
             self.run(["qdel", "-f", "-u", "root"], check=False, timeout_s=15)
-            self.run(["qconf", "-ke", self.node], check=False, timeout_s=15)
+            for host in self.exec_hosts:
+                self.run(["qconf", "-ke", host], check=False, timeout_s=15)
             self.run(["qconf", "-km"], check=False, timeout_s=15)
         time.sleep(1)
         for pid_file in [*self.root.glob("spool/execd/*/execd.pid"), self.root / "spool/qmaster/qmaster.pid"]:

@@ -1,10 +1,14 @@
 """A real SLURM on this host for the tests: munged, slurmctld and slurmd from Debian's packages, run
 in the foreground as children of the test session, with every file in one temporary folder.
 
-This host is the one node, with its CPUs and no GPUs. Running as root in a container-like machine
+By default this host is the one node, with its CPUs and no GPUs; given a `VirtualCluster` (netns.py),
+slurmctld runs on its head and one slurmd on each of its nodes (NodeName = hostname, NodeAddr = the
+node's address), every client command on the head, and munged here (its socket is a file, shared by
+all as on a cluster that shares one munge key). Running as root in a container-like machine
 needs: SlurmUser/SlurmdUser root, proctrack/linuxproc (no cgroup hierarchy to delegate),
 task/none (no affinity plugins), no accounting (finished jobs stay visible to scontrol for
-MinJobAge seconds, which is how their states are read), and private ports and munge socket, so
+MinJobAge seconds, which is how their states are read), cred_expire=10 (a requeued job waits that long
+before it starts again, 120 s by default), and private ports and munge socket, so
 that nothing on the host (another test run, a system munge) is touched. Job ids start at a random
 number: the scripts derive their rendezvous port from the job id, and two test sessions on one host
 must not both start at job 1.
@@ -52,6 +56,15 @@ class SlurmCluster:
     node: str = field(default_factory=lambda: socket.gethostname().split(".")[0])
     cpus: int = field(default_factory=lambda: os.cpu_count() or 1)
     processes: list = field(default_factory=list)
+    nodes: object = None  # a started netns.VirtualCluster: one slurmd per node; None: this host alone
+
+    @property
+    def node_names(self) -> list[str]:
+        return [self.node] if self.nodes is None else list(self.nodes.nodes)
+
+    def _on(self, host: str) -> list[str]:
+        """The prefix that runs a command on `host` ("head" or a node name): none on this host alone."""
+        return [] if self.nodes is None else self.nodes.hosts[host].prefix()
 
     @property
     def conf(self) -> Path:
@@ -70,13 +83,16 @@ class SlurmCluster:
                                        f"installs them as root)")
         if os.geteuid() != 0:
             raise SchedulerUnavailable("the test SLURM runs its daemons as root; run the tests as root")
-        for sub in ("munge", "state", f"spool/{self.node}", "log"):
+        for sub in ("munge", "state", "log", *(f"spool/{n}" for n in self.node_names)):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._start_munge()
         self.conf.write_text(self._slurm_conf())
-        self._spawn(["slurmctld", "-D", "-i", "-f", str(self.conf)], "slurmctld")
-        self._spawn(["slurmd", "-D", "-f", str(self.conf)], "slurmd")
-        self._wait_for_idle_node(timeout_s)
+        self._spawn([*self._on("head"), "slurmctld", "-D", "-i", "-f", str(self.conf)], "slurmctld")
+        for name in self.node_names:
+            node = [] if self.nodes is None else ["-N", name]
+            self._spawn([*self._on(name), "slurmd", "-D", *node, "-f", str(self.conf)], f"slurmd-{name}")
+        for name in self.node_names:
+            self._wait_for_idle_node(name, timeout_s)
 
     def _start_munge(self):
         munge = self.root / "munge"
@@ -96,23 +112,30 @@ class SlurmCluster:
 
     def _slurm_conf(self) -> str:
         r = self.root
+        if self.nodes is None:
+            controller = f"{self.node}(127.0.0.1)"
+            nodes = f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN"
+        else:
+            controller = f"head({self.nodes.head.address})"
+            nodes = "\n".join(f"NodeName={h.name} NodeAddr={h.address} CPUs={self.cpus} State=UNKNOWN"
+                              for h in self.nodes.node_hosts())
         return f"""\
 ClusterName=megatronjp
 FirstJobId={random.randrange(1000, 10**6)}
-SlurmctldHost={self.node}(127.0.0.1)
+SlurmctldHost={controller}
 SlurmctldPort={free_port()}
 SlurmdPort={free_port()}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={r / 'munge' / 'socket'}
+AuthInfo=socket={r / 'munge' / 'socket'},cred_expire=10
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={r / 'state'}
 SlurmdSpoolDir={r / 'spool'}/%n
 SlurmctldPidFile={r / 'slurmctld.pid'}
-SlurmdPidFile={r / 'slurmd.pid'}
+SlurmdPidFile={r / 'spool'}/%n/slurmd.pid
 SlurmctldLogFile={r / 'log' / 'slurmctld.log'}
-SlurmdLogFile={r / 'log' / 'slurmd.log'}
+SlurmdLogFile={r / 'log'}/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -129,8 +152,8 @@ MinJobAge=600
 InactiveLimit=0
 Waittime=0
 OverTimeLimit=0
-NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN
-PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
+{nodes}
+PartitionName=test Nodes={",".join(self.node_names)} Default=YES MaxTime=INFINITE State=UP
 """
 
     def _spawn(self, argv: list[str], name: str):
@@ -145,17 +168,20 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
             if process.poll() is not None:
                 raise SchedulerUnavailable(f"{name} exited with status {process.returncode}:\n{self.logs()}")
 
-    def _wait_for_idle_node(self, timeout_s: float):
+    def _wait_for_idle_node(self, name: str, timeout_s: float):
         deadline = time.monotonic() + timeout_s
         state = "?"
         while time.monotonic() < deadline:
             self._check_alive()
-            result = self.run(["scontrol", "show", "node", self.node, "-o"], check=False)
-            state = _fields(result.stdout).get("State", "?")
-            if result.returncode == 0 and state.split("+")[0] == "IDLE":
+            state = self.node_state(name)
+            if state.split("+")[0] == "IDLE":
                 return
             time.sleep(0.3)
-        raise SchedulerUnavailable(f"node {self.node} not idle after {timeout_s:.0f} s (state {state}):\n{self.logs()}")
+        raise SchedulerUnavailable(f"node {name} not idle after {timeout_s:.0f} s (state {state}):\n{self.logs()}")
+
+    def node_state(self, name: str) -> str:
+        result = self.run(["scontrol", "show", "node", name, "-o"], check=False)
+        return _fields(result.stdout).get("State", "?") if result.returncode == 0 else "?"
 
     def stop(self):
         """Cancel every job, then end the daemons (SIGTERM, SIGKILL after 10 s)."""
@@ -182,7 +208,8 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
 
     def run(self, argv: list[str], check: bool = True, timeout_s: float = 30, env: dict | None = None,
             cwd=None) -> subprocess.CompletedProcess:
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, env=self.env(env), cwd=cwd)
+        result = subprocess.run([*self._on("head"), *argv], capture_output=True, text=True, timeout=timeout_s,
+                                env=self.env(env), cwd=cwd)
         if check and result.returncode != 0:
             raise AssertionError(f"{' '.join(argv)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
         return result
@@ -206,9 +233,11 @@ PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
             time.sleep(0.2)
 
     @staticmethod
-    def job_output(job: Job) -> str:
+    def job_output(job: Job, chars: int | None = 5000) -> str:
+        """The end of the job's output (`chars` None: all of it)."""
         path = job.fields.get("StdOut", "")
-        return Path(path).read_text(errors="replace")[-5000:] if path and Path(path).exists() else "(no output)"
+        text = Path(path).read_text(errors="replace") if path and Path(path).exists() else "(no output)"
+        return text if chars is None else text[-chars:]
 
 
 def _fields(text: str) -> dict:

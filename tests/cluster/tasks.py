@@ -73,17 +73,21 @@ class Tasks:
                 t.process.wait(timeout=30)
 
 
-def srun_like(args: list[str], world: int, port: int, logs: Path, fault: str = "") -> Tasks:
-    """`world` tasks on this host, each in its own session (killable as a group)."""
+def srun_like(args: list[str], world: int, port: int, logs: Path, fault: str = "", hosts=None,
+              master: str = "127.0.0.1", **extra_env) -> Tasks:
+    """`world` tasks, each in its own session (killable as a group): on this host, or rank r on the
+    netns.Host `hosts[r]` (MASTER_ADDR then names the host of rank 0)."""
     logs.mkdir(parents=True, exist_ok=True)
     program = [str(FAULTS), fault] if fault else ["-m", "megatron_jp.train"]
     group = Tasks()
     for rank in range(world):
-        env = {**environment(), "SLURM_NTASKS": str(world), "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        prefix = hosts[rank].prefix() if hosts else []
+        local = [h.name for h in hosts[:rank]].count(hosts[rank].name) if hosts else rank
+        env = {**environment(), "SLURM_NTASKS": str(world), "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(local),
+               "MASTER_ADDR": master, "MASTER_PORT": str(port), **extra_env}
         log = logs / f"rank{rank}.log"
         with open(log, "wb") as out:
-            process = subprocess.Popen([sys.executable, *program, *args], cwd=ROOT, env=env, stdout=out,
+            process = subprocess.Popen([*prefix, sys.executable, *program, *args], cwd=ROOT, env=env, stdout=out,
                                        stderr=subprocess.STDOUT, start_new_session=True)
         group.tasks.append(Task(rank, process, log))
     return group

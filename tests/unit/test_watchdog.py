@@ -1,6 +1,7 @@
 """The watchdog's diagnosis (who is stuck, from two readings of every heartbeat), its store calls that
 give up instead of hanging, the environment summary rank 0 prints, and the timeout keys' checks."""
 
+import socket
 import threading
 import time
 
@@ -22,6 +23,13 @@ def test_a_rank_whose_heartbeat_stopped_is_named_with_its_step():
     after = beats((8, 17, "training"), (9, 17, "training"), (7, 18, "training"))
     assert diagnose(before, after, STORE) == ("rank 1 stopped responding (frozen or dead): last seen rank 1 at "
                                               "step 17 (training)")
+
+
+def test_a_lost_host_is_named_with_the_rank_that_stopped_there():
+    before = beats((5, 17, "training", "node1"), (9, 17, "checkpoint save", "node2"))
+    after = beats((8, 17, "training", "node1"), (9, 17, "checkpoint save", "node2"))
+    assert diagnose(before, after, STORE).endswith("last seen rank 1 at step 17 (checkpoint save) on node2")
+    assert Beat.decode(after[1].encode()) == after[1]
 
 
 def test_ranks_that_never_wrote_a_heartbeat_never_joined():
@@ -73,7 +81,7 @@ def test_a_rank_has_a_heartbeat_in_the_store_as_soon_as_its_start_up_is_over():
     dog = Watchdog(rank=3, world=4, timeout_s=600, startup_s=300, host="h", port=1)
     dog._store = TimedStore(connect=Store, timeout_s=1.0)  # the thread is never started
     dog.started()
-    assert Beat.decode(stored["beat/3"]) == Beat(1, 0, "start-up done")
+    assert Beat.decode(stored["beat/3"]) == Beat(1, 0, "start-up done", socket.gethostname())
 
 
 def test_the_heartbeat_interval_follows_the_shorter_limit():

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 import sys
 import threading
 import time
@@ -38,19 +39,21 @@ BACKSTOP_S = 60.0  # torch.distributed's own timeout is this much longer than ou
 
 @dataclass
 class Beat:
-    """One rank's heartbeat as stored: a counter that moves while the rank lives, and its position."""
+    """One rank's heartbeat as stored: a counter that moves while the rank lives, its position, and its
+    host (a lost host is named: the node to drain or replace)."""
 
     count: int
     step: int
     phase: str
+    host: str = ""
 
     def encode(self) -> str:
-        return f"{self.count} {self.step} {self.phase}"
+        return f"{self.count} {self.step} {self.host or '-'} {self.phase}"
 
     @classmethod
     def decode(cls, text: str) -> "Beat":
-        count, step, phase = text.split(" ", 2)
-        return cls(int(count), int(step), phase)
+        count, step, host, phase = text.split(" ", 3)
+        return cls(int(count), int(step), phase, "" if host == "-" else host)
 
 
 def diagnose(before: dict[int, Beat | None] | None, after: dict[int, Beat | None] | None, store: str,
@@ -69,7 +72,8 @@ def diagnose(before: dict[int, Beat | None] | None, after: dict[int, Beat | None
         return f"{_ranks(missing)} never joined (no heartbeat in the rendezvous store)"
     frozen = [r for r in after if before.get(r) is not None and after[r].count == before[r].count]
     if frozen:
-        where = "; ".join(f"rank {r} at step {after[r].step} ({after[r].phase})" for r in frozen[:8])
+        where = "; ".join(f"rank {r} at step {after[r].step} ({after[r].phase})"
+                          f"{' on ' + after[r].host if after[r].host else ''}" for r in frozen[:8])
         return f"{_ranks(frozen)} stopped responding (frozen or dead): last seen {where}"
     lowest = min(beat.step for beat in after.values())
     behind = [r for r, beat in after.items() if beat.step == lowest]
@@ -98,6 +102,7 @@ class Watchdog:
         self.rank, self.world = rank, world
         self.timeout_s, self.startup_s = timeout_s, startup_s
         self.host, self.port, self.prefix = host, port, prefix
+        self.hostname = socket.gethostname()
         # a heartbeat every 1/20 of the limit: a stuck rank is named within a few percent of it
         self.interval = min(max(min(timeout_s, startup_s) / 20, 0.2), 10.0)
         self.window = 3 * self.interval  # > 2 intervals: a live rank's counter always moves in it
@@ -214,7 +219,7 @@ class Watchdog:
         thread, and once by the main thread in `started` (a race between the two repeats a count at
         worst; the counter still moves)."""
         self._count += 1
-        beat = Beat(self._count, self.step, self.phase).encode()
+        beat = Beat(self._count, self.step, self.phase, self.hostname).encode()
         try:
             self._store.call(lambda store: store.set(f"beat/{self.rank}", beat))
         except Exception:  # not up yet, or its host stuck: _read_all finds out

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from megatron_jp.ops import KERNEL_DTYPES, cuda_stream, load_extension
+from megatron_jp.ops import KERNEL_DTYPES, cuda_stream, kernel_is_default, load_extension
 from megatron_jp.ops.rope import cached_inverse_frequencies, rope_reference
 
 _EXT = load_extension("qkv_rope")
@@ -151,9 +151,9 @@ qkv_rope_op.register_autograd(_qkv_rope_op_backward, setup_context=_qkv_rope_set
 
 
 def qkv_rope(qkv, bias, positions, theta, n_heads, n_kv_heads, head_dim, token_major=False):
-    """The fused kernel where available, else the reference."""
+    """The fused kernel where available (and the default: ops.kernel_is_default), else the reference."""
     args = (qkv, bias, positions, theta, n_heads, n_kv_heads, head_dim, token_major)
-    if _EXT is None or not qkv.is_cuda:
+    if _EXT is None or not qkv.is_cuda or not kernel_is_default("qkv_rope"):
         return qkv_rope_reference(*args)
     if torch.compiler.is_compiling():
         return qkv_rope_op(*args)

@@ -96,7 +96,9 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest", "megatron-core==0.16.1"],  # megatron-core: reference reader of our shards
+        # megatron-core: reference reader of our shards; pybind11: in-place rebuilds (--no-build-isolation,
+        # as bench/gpu_check.sh does)
+        "test": ["pytest", "megatron-core==0.16.1", "pybind11>=2.12"],
         "plot": ["matplotlib"],
         # tools/evaluate.py: metrics, and the sentence-transformers export (keeps the installed torch)
         "eval": ["scipy", "scikit-learn", "sentence-transformers>=3"],

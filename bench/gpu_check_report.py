@@ -37,13 +37,13 @@ def _num(value, fmt: str) -> str:
 
 def headline_train(fig: dict) -> str:
     return (f"{_num(fig.get('tokens_per_second'), ',.0f')} tok/s, MFU {_num(fig.get('mfu'), '.1%')}, "
-            f"peak {_num(fig.get('peak_memory_gb'), '.1f')} GB (plan {_num(fig.get('plan_memory_gb'), '.1f')})")
+            f"peak {_num(fig.get('peak_memory_gb'), '.2f')} GB (plan {_num(fig.get('plan_memory_gb'), '.2f')})")
 
 
 def headline_kernels(fig: dict) -> str:
     verdicts = fig.get("verdicts", {})
     if not verdicts:
-        return fig.get("note", "")
+        return f"{len(fig.get('results', []))} op timings, no kernel rows (CPU or --no-compile)"
     return ", ".join(f"{op} {_num(v.get('speedup_vs_compiled'), '.2f')}x" for op, v in verdicts.items()) + " vs compiled"
 
 

@@ -102,3 +102,20 @@ def test_gpu_check_report_counts_a_stage_left_without_time_as_not_ok(tmp_path):
 def test_gpu_check_refuses_an_unknown_option_with_one_error_line(tmp_path):
     run = subprocess.run(["bash", "bench/gpu_check.sh", "--bogus"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.startswith("error: unknown option --bogus")
+
+
+def test_fused_kernels_verdict_takes_the_worst_seed_shape_against_the_compiled_reference():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import fused_kernels
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    results = [  # seconds (forward, backward) per implementation
+        {"case": "a", "op": "glu/swiglu", "seconds": {"eager": (4, 4), "compiled": (2, 2), "kernel": (1, 1)}},
+        {"case": "b", "op": "glu/geglu", "seconds": {"eager": (4, 4), "compiled": (1.1, 1.1), "kernel": (1, 1)}},
+        {"case": "a", "op": "rope", "seconds": {"eager": (4, 4), "compiled": (3, 3), "kernel": (1, 1)}},
+        {"case": "a", "op": "qkv_rope", "seconds": {"eager": (4, 4), "kernel": (1, 1)}},  # --no-compile: no verdict
+    ]
+    found = fused_kernels.verdicts(results)
+    assert found == {"glu": {"speedup_vs_compiled": pytest.approx(1.1), "default": False},
+                     "rope": {"speedup_vs_compiled": pytest.approx(3.0), "default": True}}

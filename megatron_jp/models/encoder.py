@@ -74,10 +74,10 @@ class Embeddings(nn.Module):
 
 
 class QKVProjection(nn.Module):
-    """x (B, S, H), positions -> q (B, Hq, S, D), k and v (B, Hk, S, D) (or (B, S, heads, D) each, token-major,
-    for varlen attention): one matmul with the fused
-    [all q; all k; all v] weight, then one op that adds the bias, splits the heads and rotates q and k
-    (ops/qkv_rope.py: a CUDA kernel where built). The head counts are this module's, so a
+    """x (B, S, H), positions -> q (B, Hq, S, D), k and v (B, Hk, S, D), or (B, S, heads, D) each with
+    `token_major` (what varlen attention takes): one matmul with the fused [all q; all k; all v] weight,
+    then one op that adds the bias, splits the heads and rotates q and k (ops/qkv_rope.py: a CUDA
+    kernel where built). The head counts are this module's, so a
     tensor-parallel twin with fewer local heads is the same forward on a smaller weight."""
 
     def __init__(self, cfg: ModelConfig, layer: int, n_heads: int, n_kv_heads: int):

@@ -13,6 +13,9 @@
 #
 # OUT_DIR (default $OUT, else runs/gpu_check) receives two files, within the device's return limits:
 # gpu_check.json (every stage's status, figures and log tail) and gpu_check_logs.tar.gz (full logs).
+# With the device tool: rehearse on CPU first, then run `bash bench/gpu_check.sh` with timeout_s 600
+# (the budget keeps it under that); a lease of 15 minutes leaves room to rerun only what failed,
+# `--only STAGE,...`, after a fix.
 # Stages: build gpu_tests kernels model_step attention train_tohoku_4k train_modernbert_1k
 # train_modernbert_8k. PYTHON names the interpreter (default python3).
 set -uo pipefail
@@ -23,7 +26,7 @@ while [ $# -gt 0 ]; do
   case $1 in
     --rehearse) REHEARSE=1; shift ;;
     --only) ONLY=,$2,; shift 2 ;;
-    -h|--help) sed -n '2,18p' "$0" | cut -c3-; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0" | cut -c3-; exit 0 ;;
     -*) echo "error: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) break ;;
   esac

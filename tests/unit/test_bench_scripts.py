@@ -99,7 +99,9 @@ def test_gpu_check_report_counts_a_stage_left_without_time_as_not_ok(tmp_path):
     assert [s["status"] for s in report["stages"]] == ["ok", "not run"]
 
 
-def test_gpu_check_refuses_an_unknown_option_with_one_error_line(tmp_path):
+def test_gpu_check_answers_help_and_refuses_an_unknown_option_with_one_error_line(tmp_path):
+    usage = subprocess.run(["bash", "bench/gpu_check.sh", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert usage.returncode == 0 and "bash bench/gpu_check.sh --rehearse" in usage.stdout
     run = subprocess.run(["bash", "bench/gpu_check.sh", "--bogus"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.startswith("error: unknown option --bogus")
 

@@ -88,13 +88,48 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
   return __nv_bfloat16{static_cast<uint16_t>(u >> 16)};
 }
 
-// _Float16 conversions round to nearest even in software (GCC >= 12 and clang on x86-64).
+// IEEE half as raw bits, converted with integer arithmetic (no dependence on _Float16 support).
 struct __half {
-  _Float16 value;
+  uint16_t bits;
 };
 
-inline float __half2float(__half x) { return static_cast<float>(x.value); }
-inline __half __float2half_rn(float f) { return __half{static_cast<_Float16>(f)}; }
+inline float __half2float(__half x) {
+  const uint32_t sign = static_cast<uint32_t>(x.bits & 0x8000u) << 16;
+  const uint32_t exponent = (x.bits >> 10) & 0x1fu, mantissa = x.bits & 0x3ffu;
+  if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24, exact in fp32
+    const float magnitude = std::ldexp(static_cast<float>(mantissa), -24);
+    return sign ? -magnitude : magnitude;
+  }
+  const uint32_t wide = sign | (exponent == 0x1f ? 0x7f800000u | (mantissa << 13)
+                                                 : ((exponent + 112) << 23) | (mantissa << 13));
+  float f;
+  std::memcpy(&f, &wide, sizeof f);
+  return f;
+}
+
+// Round to nearest even, as __float2half_rn: overflow to inf, subnormals by an fp32 add whose own
+// rounding is the half rounding (F. Giesen's float_to_half_fast3_rtne), NaN kept quiet.
+inline __half __float2half_rn(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  u &= 0x7fffffffu;
+  if (u >= (127u + 16) << 23) {  // >= 2^16, inf or NaN
+    return __half{static_cast<uint16_t>(sign | (u > 0x7f800000u ? 0x7e00u : 0x7c00u))};
+  }
+  if (u < 113u << 23) {  // below 2^-14: a half subnormal or zero
+    constexpr uint32_t kMagic = 126u << 23;  // 0.5f: its ulp is the half subnormal step 2^-24
+    float magic, shifted;
+    std::memcpy(&magic, &kMagic, sizeof magic);
+    std::memcpy(&shifted, &u, sizeof shifted);
+    shifted += magic;
+    std::memcpy(&u, &shifted, sizeof u);
+    return __half{static_cast<uint16_t>(sign | (u - kMagic))};
+  }
+  const uint32_t odd = (u >> 13) & 1u;
+  u += 0xc8000fffu + odd;  // rebias the exponent (15 - 127) << 23, plus the rounding bias
+  return __half{static_cast<uint16_t>(sign | (u >> 13))};
+}
 
 // ---- runtime ------------------------------------------------------------------------------------
 

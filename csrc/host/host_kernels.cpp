@@ -79,6 +79,16 @@ void qkv_rope_backward(uintptr_t grad_q, uintptr_t grad_k, uintptr_t grad_v, uin
   check(mjp::qkv_rope::launch_backward(p), "qkv_rope_backward");
 }
 
+// The kernels' own fp32 -> T rounding (vec.cuh from_float) over n floats: checks the host stand-ins
+// for __float2bfloat16_rn and __float2half_rn against torch's conversions.
+void round_to(uintptr_t src, uintptr_t dst, int64_t n, int dtype) {
+  mjp::dispatch_dtype(dtype_of(dtype), [&](auto tag) -> const char* {
+    using T = typename decltype(tag)::type;
+    for (int64_t i = 0; i < n; ++i) ptr<T>(dst)[i] = mjp::from_float<T>(ptr<const float>(src)[i]);
+    return nullptr;
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_host_kernels, m) {
@@ -94,6 +104,7 @@ PYBIND11_MODULE(_host_kernels, m) {
   });
   m.def("qkv_rope_forward", &qkv_rope_forward);
   m.def("qkv_rope_backward", &qkv_rope_backward);
+  m.def("round_to", &round_to, py::arg("src"), py::arg("dst"), py::arg("n"), py::arg("dtype"));
   m.def("last_launch", [] {
     const auto& r = mjp_host::last_launch;
     return py::make_tuple(r.blocks, r.threads, r.launches);

@@ -260,3 +260,25 @@ def test_the_host_build_is_the_cuda_source():
     source = (Path(__file__).resolve().parents[2] / "csrc" / "host" / "host_kernels.cpp").read_text()
     for family in ("rope", "glu", "qkv_rope"):
         assert f'#include "{family}/{family}.cu"' in source
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=IDS.get)
+def test_the_host_stand_ins_round_fp32_to_bf16_and_fp16_as_torch_does(dtype):
+    """from_float<T> on the host (the stand-ins for __float2bfloat16_rn / __float2half_rn): round to
+    nearest even, ties, subnormals, overflow to inf, NaN; bit for bit what torch's conversion gives."""
+    gen = torch.Generator().manual_seed(11)
+    finfo = torch.finfo(dtype)
+    samples = [torch.randn(4096, generator=gen) * 10.0 ** torch.randint(-9, 6, (4096,), generator=gen),
+               torch.tensor([0.0, -0.0, finfo.max, -finfo.max, finfo.tiny, finfo.tiny / 4, 1e-30,
+                             float("inf"), -float("inf"), 65520.0, 65519.0, 1.0 + 2**-11, 1.0 + 3 * 2**-11])]
+    # values halfway between two representable ones: the tie must go to the even neighbour
+    lo = torch.randn(2048, generator=gen).to(dtype)
+    samples.append((lo.float() + (torch.nextafter(lo, torch.full_like(lo, float("inf"))).float() - lo.float()) / 2))
+    x = torch.cat(samples).float().contiguous()
+    out = torch.empty(x.shape, dtype=dtype)
+    hk.host.round_to(x.data_ptr(), out.data_ptr(), x.numel(), hk.DTYPE_CODE[dtype])
+    want = x.to(dtype)
+    assert torch.equal(out.view(torch.int16), want.view(torch.int16))
+    src, nan = torch.tensor([float("nan"), -float("nan")]), torch.zeros(2, dtype=dtype)
+    hk.host.round_to(src.data_ptr(), nan.data_ptr(), 2, hk.DTYPE_CODE[dtype])
+    assert nan.isnan().all()

@@ -1,6 +1,7 @@
 """Build megatron_jp.
 
-CPU helpers (csrc/helpers/*.cpp, pybind11) are always built. The fused CUDA kernels (one extension
+CPU helpers (csrc/helpers/*.cpp, pybind11) are always built, and so is megatron_jp._host_kernels: the
+csrc/ CUDA kernels compiled for the host (csrc/host/), which the CPU tests run. The fused CUDA kernels (one extension
 per folder of csrc/ holding .cu files) are built only where a CUDA build of torch and nvcc exist;
 `MEGATRON_JP_SKIP_CUDA_BUILD=1` skips them and `MAX_JOBS` bounds the parallel compile.
 """
@@ -19,7 +20,18 @@ def cpu_extensions():
     sources = sorted(glob.glob("csrc/helpers/*.cpp"))
     if not sources:
         return []
-    return [Pybind11Extension("megatron_jp._helpers", sources, cxx_std=17, extra_compile_args=["-O3"])]
+    return [Pybind11Extension("megatron_jp._helpers", sources, cxx_std=17, extra_compile_args=["-O3"]),
+            host_kernels_extension()]
+
+
+def host_kernels_extension():
+    """The same .cu kernel bodies built by the host compiler, csrc/host/include/ standing in for the
+    CUDA headers (tests/unit/test_kernels_on_host.py); pybind11 only, no torch headers."""
+    return Pybind11Extension(
+        "megatron_jp._host_kernels", ["csrc/host/host_kernels.cpp"], cxx_std=17,
+        include_dirs=["csrc/host/include", "csrc"],
+        # no strict aliasing: the kernels read tensors through 16-byte Pack<T, N> views, as on the GPU
+        extra_compile_args=["-O2", "-fno-strict-aliasing", "-Wno-unknown-pragmas"])
 
 
 def cuda_extensions():
@@ -88,7 +100,9 @@ setup(
         "zstandard",  # ... and .jsonl.zst
     ],
     extras_require={
-        "test": ["pytest", "megatron-core==0.16.1"],  # megatron-core: reference reader of our shards
+        # megatron-core: reference reader of our shards; pybind11: in-place rebuilds (--no-build-isolation,
+        # as bench/gpu_check.sh does)
+        "test": ["pytest", "megatron-core==0.16.1", "pybind11>=2.12"],
         "plot": ["matplotlib"],
         # tools/evaluate.py: metrics, and the sentence-transformers export (keeps the installed torch)
         "eval": ["scipy", "scikit-learn", "sentence-transformers>=3"],

@@ -84,18 +84,25 @@ def bench_case(case: Case, args, device, dtype) -> dict:
     seg = packed_segments(gen, case.batch, case.seq, max_documents=max(case.seq // 512, 2))
     shape_q = (case.batch, case.heads, case.seq, case.head_dim)
     shape_kv = (case.batch, case.kv_heads, case.seq, case.head_dim)
-    q, k, v = (torch.randn(s, device=device, dtype=dtype, requires_grad=not args.rehearse)
-               for s in (shape_q, shape_kv, shape_kv))
+    head_major = [torch.randn(s, device=device, dtype=dtype, requires_grad=not args.rehearse)
+                  for s in (shape_q, shape_kv, shape_kv)]
+    # varlen takes q, k, v token-major, as the encoder hands them over (attention.token_major)
+    token_major = [t.detach().transpose(1, 2).contiguous().requires_grad_(t.requires_grad) for t in head_major]
     results = {}
     for name, mask in layouts(case, seg, device, args.rehearse).items():
+        major = attention.token_major(mask)
+        q, k, v = token_major if major else head_major
+
         def step():
-            out = attend(q, k, v, mask)
+            out = attend(q, k, v, mask, token_major=major)
             if not args.rehearse:
                 out.sum().backward()
         try:
             results[name] = round(time_ms(step, args.iters, device), 3)
         except (RuntimeError, NotImplementedError, ValueError) as e:  # a kernel this torch lacks
             results[name] = f"n/a ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
+    if device.type == "cuda" and attention.varlen_attn is None:
+        results["varlen"] = f"skipped: torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn"
     return {"case": case.name, "pass": "fwd" if args.rehearse else "fwd+bwd", "ms": results}
 
 

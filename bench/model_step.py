@@ -4,7 +4,7 @@ architecture and weights, side by side in one run (CPU by default).
 
     python bench/model_step.py [--arch llama|modernbert|all] [--hidden 256 --layers 4 --vocab 32000
                                --seq 512 --batch 8 --mask 0.15 --steps 5 --device cpu --dtype fp32
-                               --compile]
+                               --compile] [--json OUT.json]
 
 Both models see the same batch and the same masked positions, and each runs at its best settings:
 ours as training runs it (logits only at the masked positions, the decoder fused into the chunked
@@ -18,9 +18,11 @@ the median step.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForMaskedLM
@@ -50,6 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     p.add_argument("--compile", action="store_true", help="also time our encoder with compiled blocks")
+    p.add_argument("--json", help="write the rows (tokens/s of each side, their ratio) here too")
     return p.parse_args(argv)
 
 
@@ -132,12 +135,17 @@ def main(argv=None):
     print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} hidden={args.hidden} "
           f"layers={args.layers} vocab={args.vocab} seq={args.seq} batch={args.batch} mask={args.mask}")
     print(f"{'arch':<12}{'transformers class':<24}{'ours tok/s':>12}{'compiled':>10}{'theirs tok/s':>14}{'ratio':>8}")
+    rows = []
     for arch in ARCHS if args.arch == "all" else [args.arch]:
         speed = compare(arch, args)
         best = max(speed["ours"], speed.get("ours compiled", 0.0))
         compiled = f"{speed['ours compiled']:>10.0f}" if "ours compiled" in speed else f"{'-':>10}"
         print(f"{arch:<12}{ARCHS[arch][1]:<24}{speed['ours']:>12.0f}{compiled}{speed['theirs']:>14.0f}"
               f"{best / speed['theirs']:>7.2f}x")
+        rows.append({"arch": arch, "tokens_per_second": speed, "ratio": best / speed["theirs"]})
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": args.device, "dtype": args.dtype, "seq": args.seq,
+                                               "batch": args.batch, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,12 @@ namespace mjp {
 
 constexpr int kThreads = 256;
 
+// Every launch goes through this macro, so the host build (csrc/host/cuda_host.h defines it as a loop
+// over blocks and threads) runs the very same kernels on the CPU.
+#ifndef MJP_HOST_BUILD
+#define MJP_LAUNCH(blocks, stream, ...) __VA_ARGS__<<<(blocks), ::mjp::kThreads, 0, (stream)>>>
+#endif
+
 // The bindings cannot include torch's CUDA headers, so the launcher makes the tensors' device current
 // for the launch and restores the caller's afterwards (what c10::cuda::CUDAGuard would do).
 class DeviceGuard {

@@ -127,9 +127,9 @@ const char* launch_glu(const Params& p) {
       constexpr int n = decltype(n_tag)::value;
       constexpr Activation act = decltype(act_tag)::value;
       if constexpr (kBackward) {
-        glu_backward_kernel<T, n, act><<<blocks, kThreads, 0, stream>>>(p);
+        MJP_LAUNCH(blocks, stream, glu_backward_kernel<T, n, act>)(p);
       } else {
-        glu_forward_kernel<T, n, act><<<blocks, kThreads, 0, stream>>>(p);
+        MJP_LAUNCH(blocks, stream, glu_forward_kernel<T, n, act>)(p);
       }
     };
     auto with_activation = [&](auto n_tag) {

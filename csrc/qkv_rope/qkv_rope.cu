@@ -1,6 +1,6 @@
 // Fused QKV split + bias + RoPE: the projection output [B, S, (Hq + 2 Hk) * D] becomes q [B, Hq, S, D],
-// k and v [B, Hk, S, D] in one read and one write (and the backward, which gathers the three
-// gradients back into one [B, S, (Hq + 2 Hk) * D] tensor).
+// k and v [B, Hk, S, D] (or token-major [B * S, H, D], varlen_attn's layout) in one read and one write
+// (and the backward, which gathers the three gradients back into one [B, S, (Hq + 2 Hk) * D] tensor).
 //
 // A thread owns one (token, 16-byte chunk of the first half of D, group of heads) item
 // (common/rotary.cuh): it computes the chunk's cos/sin once and moves that chunk pair of every head of
@@ -20,21 +20,25 @@
 namespace mjp::qkv_rope {
 namespace {
 
-// Where (token, chunk) sits in the fused row and in the three [B, H, S, D] tensors.
+// Where (token, chunk) sits in the fused row and in the three q, k, v tensors.
 struct Place {
   int64_t row;                  // element offset of the chunk in qkv[b, s, :]
-  int64_t q_plane, kv_plane;    // element offsets of the chunk in q[b, 0, s, :] and k/v[b, 0, s, :]
-  int64_t plane;                // S * D: stride between heads in q, k, v
+  int64_t q_plane, kv_plane;    // element offsets of the chunk in head 0 of q and of k/v
+  int64_t plane;                // stride between heads in q, k, v: S * D head-major, D token-major
   int k_col, v_col;             // first k and first v column of the fused row
 };
 
 __device__ __forceinline__ Place place_of(const Shape& s, int64_t token, int chunk) {
+  const int width = (s.q_heads + 2 * s.kv_heads) * s.head_dim;
+  const int k_col = s.q_heads * s.head_dim, v_col = (s.q_heads + s.kv_heads) * s.head_dim;
+  if (s.token_major) {  // q[token, h, :]: a token's heads side by side
+    return Place{token * width + chunk, token * s.q_heads * s.head_dim + chunk,
+                 token * s.kv_heads * s.head_dim + chunk, s.head_dim, k_col, v_col};
+  }
   // 32-bit division: the launcher keeps every index below 2^31
   const int64_t b = static_cast<unsigned int>(token) / static_cast<unsigned int>(s.seq), pos = token - b * s.seq;
-  const int width = (s.q_heads + 2 * s.kv_heads) * s.head_dim;
   return Place{token * width + chunk, (b * s.q_heads * s.seq + pos) * s.head_dim + chunk,
-               (b * s.kv_heads * s.seq + pos) * s.head_dim + chunk, s.seq * s.head_dim,
-               s.q_heads * s.head_dim, (s.q_heads + s.kv_heads) * s.head_dim};
+               (b * s.kv_heads * s.seq + pos) * s.head_dim + chunk, s.seq * s.head_dim, k_col, v_col};
 }
 
 template <int N>
@@ -130,7 +134,7 @@ const char* launch_kernel(const Params& p, std::initializer_list<const void*> po
 template <typename T, int N>
 struct Forward {
   static void launch(unsigned int blocks, cudaStream_t stream, const ForwardParams& p, const ItemSpace& space) {
-    qkv_rope_forward_kernel<T, N><<<blocks, kThreads, 0, stream>>>(p, space);
+    MJP_LAUNCH(blocks, stream, qkv_rope_forward_kernel<T, N>)(p, space);
   }
   static int64_t resident_threads(int device) { return resident_threads_of(qkv_rope_forward_kernel<T, N>, device); }
 };
@@ -138,7 +142,7 @@ struct Forward {
 template <typename T, int N>
 struct Backward {
   static void launch(unsigned int blocks, cudaStream_t stream, const BackwardParams& p, const ItemSpace& space) {
-    qkv_rope_backward_kernel<T, N><<<blocks, kThreads, 0, stream>>>(p, space);
+    MJP_LAUNCH(blocks, stream, qkv_rope_backward_kernel<T, N>)(p, space);
   }
   static int64_t resident_threads(int device) { return resident_threads_of(qkv_rope_backward_kernel<T, N>, device); }
 };

@@ -10,13 +10,15 @@ namespace mjp::qkv_rope {
 
 // The fused projection output is [batch, seq, (q_heads + 2 * kv_heads) * head_dim], laid out
 // [all q heads; all k heads; all v heads]; q is [batch, q_heads, seq, head_dim], k and v are
-// [batch, kv_heads, seq, head_dim]. All contiguous.
+// [batch, kv_heads, seq, head_dim] (head-major, what SDPA and flex_attention take), or, token-major,
+// [batch * seq, heads, head_dim] (what varlen_attn takes). All contiguous.
 struct Shape {
   int64_t batch;
   int64_t seq;
   int q_heads;
   int kv_heads;
   int head_dim;
+  bool token_major;
 };
 
 struct Rotary {

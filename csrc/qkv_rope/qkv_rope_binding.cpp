@@ -10,8 +10,14 @@ struct Heads {
   int64_t q, kv, dim;
 };
 
-Shape shape_of(int64_t batch, int64_t seq, const Heads& h) {
-  return Shape{batch, seq, static_cast<int>(h.q), static_cast<int>(h.kv), static_cast<int>(h.dim)};
+Shape shape_of(int64_t batch, int64_t seq, const Heads& h, bool token_major) {
+  return Shape{batch, seq, static_cast<int>(h.q), static_cast<int>(h.kv), static_cast<int>(h.dim), token_major};
+}
+
+// q, k or v of `heads` heads: [B, heads, S, D], or token-major [B, S, heads, D] (varlen_attn's layout).
+std::vector<int64_t> attention_shape(int64_t batch, int64_t seq, int64_t heads, int64_t dim, bool token_major) {
+  if (token_major) return {batch, seq, heads, dim};
+  return {batch, heads, seq, dim};
 }
 
 void check_heads(const Heads& h) {
@@ -35,11 +41,12 @@ void check_rotary_devices(const std::optional<at::Tensor>& positions, const std:
   if (positions.has_value()) check_devices({{&ref, ref_name}, {&*positions, "positions"}, {&*inv_freq, "inv_freq"}});
 }
 
-// qkv [B, S, (Hq + 2 Hk) D] (+ bias) -> q [B, Hq, S, D], k and v [B, Hk, S, D], contiguous.
+// qkv [B, S, (Hq + 2 Hk) D] (+ bias) -> q [B, Hq, S, D], k and v [B, Hk, S, D] (token-major: [B, S, H, D]),
+// contiguous.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& qkv, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& positions,
     const std::optional<at::Tensor>& inv_freq, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
-    int64_t stream) {
+    bool token_major, int64_t stream) {
   const Heads h{n_heads, n_kv_heads, head_dim};
   check_heads(h);
   const DType dtype = kernel_dtype(qkv, "qkv");
@@ -59,30 +66,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const at::Tensor pos = positions.has_value() ? positions->to(at::kLong).contiguous() : at::Tensor();
   if (pos.defined()) rotary.positions = pos.data_ptr<int64_t>();
-  at::Tensor q = at::empty({B, h.q, S, h.dim}, qkv.options());
-  at::Tensor k = at::empty({B, h.kv, S, h.dim}, qkv.options());
-  at::Tensor v = at::empty({B, h.kv, S, h.dim}, qkv.options());
+  at::Tensor q = at::empty(attention_shape(B, S, h.q, h.dim, token_major), qkv.options());
+  at::Tensor k = at::empty(attention_shape(B, S, h.kv, h.dim, token_major), qkv.options());
+  at::Tensor v = at::empty(attention_shape(B, S, h.kv, h.dim, token_major), qkv.options());
   const ForwardParams params{x.data_ptr(), b.defined() ? b.data_ptr() : nullptr, q.data_ptr(), k.data_ptr(),
-                             v.data_ptr(), shape_of(B, S, h), rotary, dtype, static_cast<int>(qkv.get_device()),
+                             v.data_ptr(), shape_of(B, S, h, token_major), rotary, dtype, static_cast<int>(qkv.get_device()),
                              as_stream(stream)};
   check_launch(launch_forward(params), "qkv_rope");
   return {q, k, v};
 }
 
-// grad_q [B, Hq, S, D], grad_k and grad_v [B, Hk, S, D] -> grad_qkv [B, S, (Hq + 2 Hk) D].
+// grad_q [B, Hq, S, D], grad_k and grad_v [B, Hk, S, D] (token-major: [B, S, H, D]) -> grad_qkv
+// [B, S, (Hq + 2 Hk) D].
 at::Tensor backward(const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v,
                     const std::optional<at::Tensor>& positions, const std::optional<at::Tensor>& inv_freq,
-                    int64_t stream) {
+                    bool token_major, int64_t stream) {
   const DType dtype = kernel_dtype(grad_q, "grad_q");
   check_same_dtype(grad_k, grad_q, "grad_k", "grad_q");
   check_same_dtype(grad_v, grad_q, "grad_v", "grad_q");
-  TORCH_CHECK(grad_q.dim() == 4, "grad_q must be [batch, n_heads, seq, head_dim], got ", grad_q.sizes());
-  TORCH_CHECK(grad_k.dim() == 4, "grad_k must be [batch, n_kv_heads, seq, head_dim], got ", grad_k.sizes());
-  const int64_t B = grad_q.size(0), S = grad_q.size(2);
-  const Heads h{grad_q.size(1), grad_k.size(1), grad_q.size(3)};
+  const char* layout = token_major ? "[batch, seq, heads, head_dim]" : "[batch, heads, seq, head_dim]";
+  TORCH_CHECK(grad_q.dim() == 4, "grad_q must be ", layout, ", got ", grad_q.sizes());
+  TORCH_CHECK(grad_k.dim() == 4, "grad_k must be ", layout, ", got ", grad_k.sizes());
+  const int seq_dim = token_major ? 1 : 2, head_dim_index = token_major ? 2 : 1;
+  const int64_t B = grad_q.size(0), S = grad_q.size(seq_dim);
+  const Heads h{grad_q.size(head_dim_index), grad_k.size(head_dim_index), grad_q.size(3)};
   check_heads(h);
-  check_shape(grad_k, {B, h.kv, S, h.dim}, "grad_k");
-  check_shape(grad_v, {B, h.kv, S, h.dim}, "grad_v");
+  check_shape(grad_k, attention_shape(B, S, h.kv, h.dim, token_major), "grad_k");
+  check_shape(grad_v, attention_shape(B, S, h.kv, h.dim, token_major), "grad_v");
   Rotary rotary = check_rotary(positions, inv_freq, B, S, h.dim);
   check_devices({{&grad_q, "grad_q"}, {&grad_k, "grad_k"}, {&grad_v, "grad_v"}});
   check_rotary_devices(positions, inv_freq, grad_q, "grad_q");
@@ -91,7 +101,7 @@ at::Tensor backward(const at::Tensor& grad_q, const at::Tensor& grad_k, const at
   if (pos.defined()) rotary.positions = pos.data_ptr<int64_t>();
   at::Tensor grad_qkv = at::empty({B, S, (h.q + 2 * h.kv) * h.dim}, grad_q.options());
   const BackwardParams params{gq.data_ptr(), gk.data_ptr(), gv.data_ptr(), grad_qkv.data_ptr(),
-                              shape_of(B, S, h), rotary, dtype, static_cast<int>(grad_q.get_device()),
+                              shape_of(B, S, h, token_major), rotary, dtype, static_cast<int>(grad_q.get_device()),
                               as_stream(stream)};
   check_launch(launch_backward(params), "qkv_rope_backward");
   return grad_qkv;
@@ -104,8 +114,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Fused QKV split + bias + RoPE; megatron_jp.ops.qkv_rope is the Python entry.";
   m.def("forward", &mjp::qkv_rope::forward, "qkv (+ bias) -> q, k, v in attention layout, q and k rotated",
         py::arg("qkv"), py::arg("bias"), py::arg("positions"), py::arg("inv_freq"), py::arg("n_heads"),
-        py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("stream"));
+        py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("token_major"), py::arg("stream"));
   m.def("backward", &mjp::qkv_rope::backward, "grad q, k, v -> grad qkv (q and k rotated back)",
         py::arg("grad_q"), py::arg("grad_k"), py::arg("grad_v"), py::arg("positions"), py::arg("inv_freq"),
-        py::arg("stream"));
+        py::arg("token_major"), py::arg("stream"));
 }

@@ -51,7 +51,7 @@ const char* launch_with(const Params& p, cudaStream_t stream) {
   const ItemSpace space = item_space(p.tokens, p.head_dim / 2 / N, p.q.heads + p.k.heads, target);
   const int64_t items = space.items;
   if (items >= (int64_t{1} << 31)) return "too many tokens for 32-bit indexing";
-  rope_kernel<T, N><<<grid_blocks(items, p.device), kThreads, 0, stream>>>(p, space);
+  MJP_LAUNCH(grid_blocks(items, p.device), stream, rope_kernel<T, N>)(p, space);
   return launch_status();
 }
 

@@ -195,18 +195,34 @@ def _checked_dense_mask(segment_ids, S: int, window: int, device: torch.device):
 # ----------------------------------------------------------------------------- the kernels
 
 
-def attend(q, k, v, mask, dropout: float = 0.0) -> torch.Tensor:
-    """q (B, Hq, S, D), k and v (B, Hk, S, D) -> (B, S, Hq, D), with the kernel `mask` calls for.
-    GQA: every kernel broadcasts the shared K/V heads instead of materialising repeats."""
-    gqa = k.shape[1] != q.shape[1]
+def token_major(mask) -> bool:
+    """Whether the kernel `mask` calls for takes q, k, v token-major, (B, S, H, D): varlen_attn reads
+    them as (B * S, H, D), a free view of that layout (ops/qkv_rope.py writes it), where the
+    head-major (B, H, S, D) of SDPA and flex would cost a transpose copy of each."""
+    return isinstance(mask, VarlenLayout)
+
+
+def attend(q, k, v, mask, dropout: float = 0.0, token_major: bool = False) -> torch.Tensor:
+    """q (B, Hq, S, D), k and v (B, Hk, S, D), or with `token_major` (B, S, H, D) each -> (B, S, Hq, D),
+    with the kernel `mask` calls for. GQA: every kernel broadcasts the shared K/V heads instead of
+    materialising repeats."""
     if isinstance(mask, VarlenLayout):
-        B, H, S, D = q.shape
-        tokens = [t.transpose(1, 2).reshape(B * S, t.shape[1], D) for t in (q, k, v)]  # (B * S, H, D)
-        half = mask.window // 2 if mask.window else -1
-        out = varlen_attn(*tokens, mask.cu_seqlens, mask.cu_seqlens, mask.max_seqlen, mask.max_seqlen,
-                          window_size=(half, half), enable_gqa=gqa)
-        return out.view(B, S, H, D)
+        return _varlen(q, k, v, mask, token_major)
+    if token_major:
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
+    gqa = k.shape[1] != q.shape[1]
     if isinstance(mask, BlockMask):
         return compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=gqa).transpose(1, 2)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
     return out.transpose(1, 2)
+
+
+def _varlen(q, k, v, mask: VarlenLayout, token_major: bool) -> torch.Tensor:
+    if not token_major:
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, S, H, D): the reshape below copies
+    B, S, H, D = q.shape
+    tokens = [t.reshape(B * S, t.shape[2], D) for t in (q, k, v)]  # (B * S, H, D)
+    half = mask.window // 2 if mask.window else -1
+    out = varlen_attn(*tokens, mask.cu_seqlens, mask.cu_seqlens, mask.max_seqlen, mask.max_seqlen,
+                      window_size=(half, half), enable_gqa=k.shape[2] != H)
+    return out.view(B, S, H, D)

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_jp.models.attention import AttentionContext, attend, token_major
 from megatron_jp.models.config import ModelConfig
-from megatron_jp.models.attention import AttentionContext, attend
 from megatron_jp.ops.glu import glu
 from megatron_jp.ops.qkv_rope import qkv_rope
 
@@ -74,9 +74,10 @@ class Embeddings(nn.Module):
 
 
 class QKVProjection(nn.Module):
-    """x (B, S, H), positions -> q (B, Hq, S, D), k and v (B, Hk, S, D): one matmul with the fused
-    [all q; all k; all v] weight, then one op that adds the bias, splits the heads and rotates q and k
-    (ops/qkv_rope.py: a CUDA kernel where built). The head counts are this module's, so a
+    """x (B, S, H), positions -> q (B, Hq, S, D), k and v (B, Hk, S, D), or (B, S, heads, D) each with
+    `token_major` (what varlen attention takes): one matmul with the fused [all q; all k; all v] weight,
+    then one op that adds the bias, splits the heads and rotates q and k (ops/qkv_rope.py: a CUDA
+    kernel where built). The head counts are this module's, so a
     tensor-parallel twin with fewer local heads is the same forward on a smaller weight."""
 
     def __init__(self, cfg: ModelConfig, layer: int, n_heads: int, n_kv_heads: int):
@@ -87,9 +88,9 @@ class QKVProjection(nn.Module):
         self.bias = nn.Parameter(torch.empty(rows)) if cfg.qkv_bias else None
         self.rope, self.theta = cfg.position_embedding == "rope", cfg.layer_theta(layer)
 
-    def forward(self, x, positions):
+    def forward(self, x, positions, token_major: bool = False):
         return qkv_rope(F.linear(x, self.weight), self.bias, positions if self.rope else None, self.theta,
-                        self.n_heads, self.n_kv_heads, self.head_dim)
+                        self.n_heads, self.n_kv_heads, self.head_dim, token_major)
 
 
 class CoreAttention(nn.Module):
@@ -101,8 +102,8 @@ class CoreAttention(nn.Module):
         super().__init__()
         self.dropout = cfg.attention_dropout
 
-    def forward(self, q, k, v, mask):
-        return attend(q, k, v, mask, self.dropout if self.training else 0.0)  # (B, S, heads, D)
+    def forward(self, q, k, v, mask, token_major: bool = False):
+        return attend(q, k, v, mask, self.dropout if self.training else 0.0, token_major)  # (B, S, heads, D)
 
 
 class Attention(nn.Module):
@@ -114,8 +115,10 @@ class Attention(nn.Module):
         self.window = 0 if cfg.is_global_layer(layer) else cfg.sliding_window
 
     def forward(self, x, ctx: AttentionContext):
-        q, k, v = self.qkv(x, ctx.positions)  # (B, heads, S, D)
-        y = self.core(q, k, v, ctx.mask(self.window))
+        mask = ctx.mask(self.window)
+        layout = token_major(mask)  # varlen takes (B, S, heads, D), the others (B, heads, S, D)
+        q, k, v = self.qkv(x, ctx.positions, layout)
+        y = self.core(q, k, v, mask, layout)
         return self.out(y.flatten(2))  # (B, S, heads * D)
 
 

@@ -15,6 +15,20 @@ import torch
 # The dtypes the kernels are instantiated for; anything else takes the reference, on any device.
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+# A fused kernel earns its place by beating torch.compile of its reference (what train.compile runs
+# otherwise) by MIN_SPEEDUP, forward + backward, on every seed shape. The figures come from
+# `python bench/fused_kernels.py` on the device (it prints this line); a kernel below the bar stops
+# being the default (the reference runs, compiled with its block) but stays built and tested.
+# None: not measured on a device yet, so the kernel stays the default.
+MIN_SPEEDUP = 1.2
+KERNEL_SPEEDUP_VS_COMPILED: dict[str, float | None] = {"rope": None, "qkv_rope": None, "glu": None}
+
+
+def kernel_is_default(family: str, speedups: dict | None = None) -> bool:
+    """Whether `family`'s kernel runs by default where it is built (see KERNEL_SPEEDUP_VS_COMPILED)."""
+    speedup = (KERNEL_SPEEDUP_VS_COMPILED if speedups is None else speedups).get(family)
+    return speedup is None or speedup >= MIN_SPEEDUP
+
 
 def load_extension(family: str):
     """The compiled `megatron_jp.ops._<family>` module, or None where it was not built."""

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_jp.config_fields import GLU_ACTIVATIONS
-from megatron_jp.ops import KERNEL_DTYPES, cuda_stream, load_extension
+from megatron_jp.ops import KERNEL_DTYPES, cuda_stream, kernel_is_default, load_extension
 
 _EXT = load_extension("glu")
 
@@ -121,8 +121,8 @@ glu_op.register_autograd(_glu_op_backward, setup_context=_glu_setup_context)
 
 
 def glu(x: torch.Tensor, activation: str) -> torch.Tensor:
-    """The fused kernel where available, else the reference."""
-    if _EXT is None or not x.is_cuda:
+    """The fused kernel where available (and the default: ops.kernel_is_default), else the reference."""
+    if _EXT is None or not x.is_cuda or not kernel_is_default("glu"):
         return glu_reference(x, activation)
     if torch.compiler.is_compiling():
         return glu_op(x, activation)

@@ -6,7 +6,7 @@ without the last two dims, so packed documents can restart at 0.
 
 import torch
 
-from megatron_jp.ops import KERNEL_DTYPES, cuda_stream, load_extension
+from megatron_jp.ops import KERNEL_DTYPES, cuda_stream, kernel_is_default, load_extension
 
 _EXT = load_extension("rope")
 
@@ -118,8 +118,8 @@ rope_op.register_autograd(_rope_backward, setup_context=_rope_setup_context)
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float):
-    """The fused kernel where available, else the reference."""
-    if _EXT is None or not q.is_cuda:
+    """The fused kernel where available (and the default: ops.kernel_is_default), else the reference."""
+    if _EXT is None or not q.is_cuda or not kernel_is_default("rope"):
         return rope_reference(q, k, positions, theta)
     if torch.compiler.is_compiling():
         return rope_op(q, k, positions, theta, False)

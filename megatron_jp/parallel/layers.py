@@ -70,8 +70,8 @@ class ColumnParallelQKV(QKVProjection):
         super().__init__(cfg, layer, cfg.num_heads // tp_size, max(cfg.num_kv_heads // tp_size, 1))
         self.group, self.sequence_parallel = group, sequence_parallel
 
-    def forward(self, x, positions):
-        return super().forward(column_parallel_input(x, self.group, self.sequence_parallel), positions)
+    def forward(self, x, positions, token_major: bool = False):
+        return super().forward(column_parallel_input(x, self.group, self.sequence_parallel), positions, token_major)
 
 
 def column_parallel_input(x, group, sequence_parallel: bool):

@@ -21,13 +21,13 @@ def make(hq, hk, head_dim, dtype, with_bias, rotary, seed=0):
     return qkv, bias, positions
 
 
-def check_forward_and_backward(qkv, bias, positions, hq, hk, head_dim, theta=10000.0):
+def check_forward_and_backward(qkv, bias, positions, hq, hk, head_dim, theta=10000.0, token_major=False):
     qkv = qkv.detach().requires_grad_(True)
     bias = None if bias is None else bias.detach().requires_grad_(True)
-    got = QkvRopeFunction.apply(qkv, bias, positions, theta, hq, hk, head_dim)
+    got = QkvRopeFunction.apply(qkv, bias, positions, theta, hq, hk, head_dim, token_major)
     qkv32 = qkv.detach().float().requires_grad_(True)
     bias32 = None if bias is None else bias.detach().float().requires_grad_(True)
-    want = qkv_rope_reference(qkv32, bias32, positions, theta, hq, hk, head_dim)
+    want = qkv_rope_reference(qkv32, bias32, positions, theta, hq, hk, head_dim, token_major)
     tol = tolerance(qkv.dtype)
     for g, w in zip(got, want):
         assert g.dtype == qkv.dtype and g.shape == w.shape
@@ -52,6 +52,14 @@ def test_qkv_rope_kernel_matches_reference(built, with_bias, hq, hk, head_dim, d
     built(qkv_module)
     qkv, bias, positions = make(hq, hk, head_dim, dtype, with_bias, rotary=True)
     check_forward_and_backward(qkv, bias, positions, hq, hk, head_dim)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hq, hk", [(5, 5), (8, 2), (8, 1)])
+def test_qkv_rope_kernel_writes_token_major_q_k_v_for_varlen(built, hq, hk, dtype):
+    built(qkv_module)
+    qkv, bias, positions = make(hq, hk, 64, dtype, with_bias=True, rotary=True, seed=4)
+    check_forward_and_backward(qkv, bias, positions, hq, hk, 64, token_major=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -93,6 +93,55 @@ def test_varlen_path_equals_masked_sdpa(monkeypatch, window):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)  # padding too: it attends to padding
 
 
+
+def test_varlen_path_reads_token_major_q_k_v_without_a_copy(monkeypatch):
+    """token_major(mask) asks for (B, S, H, D): varlen_attn then gets views of those very tensors."""
+    seen = []
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.extend(t.untyped_storage().data_ptr() for t in (q, k, v))
+        return varlen_by_sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "varlen_attn", spy)
+    gen = torch.Generator().manual_seed(4)
+    seg = packed_segments(gen, 2, 48)
+    q, k, v = qkv(gen, 2, 48)  # (B, H, S, D)
+    mask = VarlenLayout(varlen_boundaries(seg), 48, 0)
+    assert attention.token_major(mask) and not attention.token_major(dense_mask(seg, 48, 0, "cpu"))
+    q_t, k_t, v_t = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # what qkv_rope writes for varlen
+    got = attend(q_t, k_t, v_t, mask, token_major=True)
+    assert seen == [t.untyped_storage().data_ptr() for t in (q_t, k_t, v_t)]
+    torch.testing.assert_close(got, attend(q, k, v, mask), rtol=0, atol=0)  # the same call after a copy
+
+
+@pytest.mark.parametrize("preset_name", ["tiny", "tiny-modernbert"])
+def test_encoder_with_varlen_attention_matches_sdpa_through_the_token_major_layout(monkeypatch, preset_name):
+    """The encoder picks token-major q, k, v for varlen layers (global and windowed) and head-major for
+    SDPA; loss and every gradient agree (same math, another reduction order: 1e-5 in fp32)."""
+    from megatron_jp.models.config import preset
+    from megatron_jp.models.encoder import build_encoder, masked_lm_loss
+    from megatron_jp.ops import qkv_rope as qkv_module
+
+    monkeypatch.setattr(attention, "varlen_attn", varlen_by_sdpa)
+    layouts = []
+    real = qkv_module.qkv_rope_reference
+    monkeypatch.setattr(qkv_module, "qkv_rope_reference", lambda *a: layouts.append(a[-1]) or real(*a))
+    gen = torch.Generator().manual_seed(5)
+    seg = packed_segments(gen, 2, 40)
+    seg[seg == 0] = 99  # no padding: padding rows attend differently under the two layouts' glue
+    ids = torch.randint(5, 96, (2, 40), generator=gen)
+    labels = torch.where(torch.rand(2, 40, generator=gen) < 0.3, ids, -100)
+    results = []
+    for backend in ("sdpa", "varlen"):
+        cfg = preset(preset_name, vocab_size=96, attention_backend=backend)
+        model = build_encoder(cfg, seed=2)
+        loss = masked_lm_loss(model(ids, labels, segment_ids=seg))
+        results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
+    assert layouts and any(layouts) and not all(layouts)  # sdpa head-major, varlen token-major
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=1e-5)
+    for got, want in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
 def test_the_context_builds_one_layout_per_window_and_none_for_unmasked_rows():
     seg = torch.tensor([[1, 1, 2, 2]])
     ctx = AttentionContext.build((1, 4), "cpu", seg, windows={0, 2}, backend="flex")

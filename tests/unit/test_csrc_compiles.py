@@ -107,7 +107,7 @@ def qkv_call(width=(8 + 2 * 2) * 16, bias=None, positions=(2, 5), inv_freq=8):
         pos = None if positions is None else torch.zeros(positions, dtype=torch.int64)
         freq = None if inv_freq is None else torch.zeros(inv_freq)
         b = None if bias is None else torch.zeros(bias)
-        return m.forward(torch.zeros(2, 5, width), b, pos, freq, 8, 2, 16, 0)
+        return m.forward(torch.zeros(2, 5, width), b, pos, freq, 8, 2, 16, False, 0)
     return call
 
 
@@ -118,9 +118,12 @@ def qkv_call(width=(8 + 2 * 2) * 16, bias=None, positions=(2, 5), inv_freq=8):
     (qkv_call(positions=(2, 6)), "positions must have shape"),
     (qkv_call(), "qkv must be a CUDA tensor"),
     (lambda m: m.backward(torch.zeros(2, 8, 5, 16), torch.zeros(2, 2, 5, 16), torch.zeros(2, 2, 4, 16),
-                          None, None, 0), "grad_v must have shape"),
+                          None, None, False, 0), "grad_v must have shape"),
+    # token-major: [B, S, H, D]; a head-major grad_v is refused by shape
+    (lambda m: m.backward(torch.zeros(2, 5, 8, 16), torch.zeros(2, 5, 2, 16), torch.zeros(2, 2, 5, 16),
+                          None, None, True, 0), r"grad_v must have shape \[2, 5, 2, 16\]"),
     (lambda m: m.backward(torch.zeros(2, 8, 5, 16), torch.zeros(2, 2, 5, 16), torch.zeros(2, 2, 5, 16),
-                          None, None, 0), "grad_q must be a CUDA tensor"),
+                          None, None, False, 0), "grad_q must be a CUDA tensor"),
 ])
 def test_qkv_rope_binding_rejects_bad_arguments_with_a_clear_message(built, call, message):
     with pytest.raises(RuntimeError, match=message):

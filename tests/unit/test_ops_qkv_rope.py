@@ -92,12 +92,29 @@ def test_qkv_rope_autograd_entries_pass_gradcheck_in_float64(entry, rotary):
                                     eps=eps, atol=atol)
 
 
+@pytest.mark.parametrize("token_major", [False, True], ids=["head_major", "token_major"])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_qkv_rope_custom_ops_pass_opcheck(with_bias):
+def test_qkv_rope_custom_ops_pass_opcheck(with_bias, token_major):
     qkv, bias, positions = make_inputs(bias=with_bias, requires_grad=True)
-    torch.library.opcheck(qkv_rope_op, (qkv, bias, positions, 10000.0, HQ, HK, D))
-    grads = [torch.randn(B, h, S, D) for h in (HQ, HK, HK)]
-    torch.library.opcheck(qkv_rope_backward_op, (*grads, positions, 10000.0))
+    torch.library.opcheck(qkv_rope_op, (qkv, bias, positions, 10000.0, HQ, HK, D, token_major))
+    grads = [torch.randn((B, S, h, D) if token_major else (B, h, S, D)) for h in (HQ, HK, HK)]
+    torch.library.opcheck(qkv_rope_backward_op, (*grads, positions, 10000.0, token_major))
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_qkv_rope_token_major_is_the_head_major_layout_transposed_forward_and_backward(with_bias):
+    """What varlen_attn takes, (B, S, H, D), holds the same values, and its gradients come back the same."""
+    qkv, bias, positions = make_inputs(bias=with_bias, requires_grad=True)
+    head_major = qkv_rope_reference(qkv, bias, positions, 10000.0, HQ, HK, D)
+    token_major = QkvRopeFunction.apply(qkv, bias, positions, 10000.0, HQ, HK, D, True)
+    for h, t in zip(head_major, token_major):
+        torch.testing.assert_close(t, h.transpose(1, 2), rtol=0, atol=0)
+    grads = [torch.randn_like(h) for h in head_major]
+    inputs = (qkv,) if bias is None else (qkv, bias)
+    want = torch.autograd.grad(head_major, inputs, grads)
+    got = torch.autograd.grad(token_major, inputs, [g.transpose(1, 2) for g in grads])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
 def test_qkv_rope_custom_op_compiles_in_one_graph_with_its_backward():
@@ -112,3 +129,14 @@ def test_qkv_rope_custom_op_compiles_in_one_graph_with_its_backward():
     want = torch.autograd.grad(loss(qkv, bias), (qkv, bias))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_a_kernel_slower_than_its_compiled_reference_stops_being_the_default():
+    """bench/fused_kernels.py's figures feed ops.kernel_is_default: unmeasured kernels stay the default,
+    measured ones need MIN_SPEEDUP over torch.compile of their reference."""
+    from megatron_jp.ops import KERNEL_SPEEDUP_VS_COMPILED, MIN_SPEEDUP, kernel_is_default
+
+    assert set(KERNEL_SPEEDUP_VS_COMPILED) == {"rope", "qkv_rope", "glu"}
+    assert kernel_is_default("glu", {"glu": None}) and kernel_is_default("glu", {"glu": MIN_SPEEDUP})
+    assert not kernel_is_default("glu", {"glu": MIN_SPEEDUP - 0.01})
+    assert kernel_is_default("rope", {"glu": 0.5})  # another kernel's figure says nothing of this one

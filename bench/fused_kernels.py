@@ -1,10 +1,13 @@
 #!/usr/bin/env python
 """Time and achieved memory bandwidth of the fused kernels (rope, qkv_rope, glu), forward and backward,
 against the eager pure-torch reference and against torch.compile of that reference, at the seed
-models' shapes. Prints a table; on a machine without CUDA it says so and exits cleanly.
+models' shapes. Prints a table and each kernel's verdict: a kernel that does not beat the compiled
+reference by MIN_SPEEDUP (1.2x) on every seed shape stops being the default (megatron_jp/ops/__init__.py
+KERNEL_SPEEDUP_VS_COMPILED, which this prints ready to paste). Without CUDA it times the eager and
+compiled references only (the kernels need a GPU); --rehearse takes tiny shapes on CPU.
 
-    python bench/kernels.py [--dtype bf16|fp16|fp32] [--iters 50] [--repeats 5] [--no-compile]
-                            [--case tohoku-bert-500m modernbert-ja-130m]
+    python bench/fused_kernels.py [--dtype bf16|fp16|fp32] [--iters 50] [--repeats 5] [--no-compile]
+                                  [--case tohoku-bert-500m modernbert-ja-130m] [--json OUT.json] [--rehearse]
 
 Bandwidth counts the bytes each op must move at least (every input read once, every output written
 once), so "% peak" is the share of the device's HBM bandwidth (H100 SXM 3.35 TB/s, H200 4.8 TB/s)
@@ -15,13 +18,16 @@ the implementation reaches. Targets: the kernel >= 2x the eager reference and >=
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from megatron_jp.ops import MIN_SPEEDUP
 from megatron_jp.ops import glu as glu_module
 from megatron_jp.ops import qkv_rope as qkv_module
 from megatron_jp.ops import rope as rope_module
@@ -53,6 +59,9 @@ CASES = {
     # ModernBERT: hidden 512, 8 heads of 64, GeGLU ffn 2048, seq 8192, micro-batch 1
     "modernbert-ja-130m": Shape(1, 8192, 8, 8, 64, 2048, "geglu", 160000.0),
 }
+# --rehearse: the same ops and code paths at shapes a CPU times in seconds
+REHEARSAL = {name: Shape(1, 64, s.q_heads, s.kv_heads, s.head_dim, 128, s.activation, s.theta)
+             for name, s in CASES.items()}
 
 
 @dataclass
@@ -105,19 +114,27 @@ def glu_op(s: Shape, dtype, device) -> Op:
 
 
 def seconds(fn: Callable, iters: int, repeats: int, warmup: int = 5) -> float:
-    """Median over `repeats` of the mean time of `iters` back-to-back calls, by CUDA events."""
+    """Median over `repeats` of the mean time of `iters` back-to-back calls: CUDA events on a GPU,
+    the wall clock on CPU."""
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
     samples = []
     for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        begin = time.perf_counter()
         for _ in range(iters):
             fn()
-        end.record()
-        torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3 / iters)
+        if cuda:
+            end.record()
+            torch.cuda.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3 / iters)
+        else:
+            samples.append((time.perf_counter() - begin) / iters)
     return statistics.median(samples)
 
 
@@ -158,17 +175,36 @@ def row(impl: str, t: float, nbytes: int, peak: float | None, eager: float) -> s
     return text
 
 
-def bench_op(case: str, op: Op, args, peak: float | None) -> list[str]:
+def bench_op(case: str, op: Op, args, peak: float | None, with_kernel: bool) -> tuple[list[str], dict]:
+    """The table lines of one op at one shape, and its times {impl: (forward, backward) seconds}."""
     impls = {"eager": op.reference}
     if not args.no_compile:
         impls["compiled"] = torch.compile(op.reference)
-    impls["kernel"] = op.kernel
+    if with_kernel:
+        impls["kernel"] = op.kernel
     times = {name: time_impl(fn, op, args.iters, args.repeats) for name, fn in impls.items()}
     lines = []
     for i, (pass_, nbytes) in enumerate((("forward", op.bytes_forward), ("backward", op.bytes_backward))):
         for name, t in times.items():
             lines.append(f"{case:<20}{op.name:<15}{pass_:<9}" + row(name, t[i], nbytes, peak, times["eager"][i]))
-    return lines
+    return lines, times
+
+
+def verdicts(results: list[dict]) -> dict:
+    """Per kernel family: its smallest forward + backward speedup over the compiled reference across the
+    seed shapes, and whether that keeps it the default (>= MIN_SPEEDUP on every shape)."""
+    out = {}
+    for r in results:
+        t = r["seconds"]
+        if "kernel" not in t or "compiled" not in t:
+            continue
+        speedup = sum(t["compiled"]) / max(sum(t["kernel"]), 1e-12)
+        family = r["op"].split("/")[0]
+        best = out.get(family, {}).get("speedup_vs_compiled", float("inf"))
+        out[family] = {"speedup_vs_compiled": min(best, speedup)}
+    for v in out.values():
+        v["default"] = v["speedup_vs_compiled"] >= MIN_SPEEDUP
+    return out
 
 
 def main(argv=None) -> int:
@@ -178,27 +214,48 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     p.add_argument("--case", nargs="*", default=list(CASES), choices=list(CASES))
+    p.add_argument("--json", help="write the times and the verdicts here too")
+    p.add_argument("--rehearse", action="store_true", help="tiny shapes on CPU: the references only")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench/kernels.py: no CUDA device here; the fused kernels need one. Nothing to time.")
-        return 0
+    cuda = torch.cuda.is_available() and not args.rehearse
     missing = [m.__name__ for m in (rope_module, qkv_module, glu_module) if m._EXT is None]
-    if missing:
-        print(f"bench/kernels.py: CUDA extensions not built for {', '.join(missing)}; "
+    if cuda and missing:
+        print(f"bench/fused_kernels.py: CUDA extensions not built for {', '.join(missing)}; "
               "build them with `pip install --no-build-isolation -e .` (the 'kernel' rows would time the reference)")
         return 1
-    name = torch.cuda.get_device_name()
-    peak = peak_bandwidth(name)
+    device = "cuda" if cuda else "cpu"
+    name = torch.cuda.get_device_name() if cuda else "cpu (no kernel rows: the fused kernels need CUDA)"
+    peak = peak_bandwidth(name) if cuda else None
     peak_text = f"{peak / 1e12:.2f} TB/s" if peak else "unknown: no % of peak"
     print(f"device: {name} (HBM peak {peak_text}), dtype {args.dtype}, torch {torch.__version__}")
     print(f"{'case':<20}{'op':<15}{'pass':<9}{'impl':<10}{'time_us':>10}{'GB/s':>10}{'%peak':>9}{'vs eager':>10}")
     dtype = DTYPES[args.dtype]
+    results = []
     for case in args.case:
-        shape = CASES[case]
+        shape = (REHEARSAL if args.rehearse else CASES)[case]
         for make in (rope_op, qkv_rope_op, glu_op):
-            for line in bench_op(case, make(shape, dtype, "cuda"), args, peak):
-                print(line, flush=True)
+            op = make(shape, dtype, device)
+            lines, times = bench_op(case, op, args, peak, with_kernel=cuda)
+            print("\n".join(lines), flush=True)
+            results.append({"case": case, "op": op.name, "seconds": times})
+    summary = {"device": name, "dtype": args.dtype, "torch": torch.__version__, "results": results,
+               "verdicts": verdicts(results), "min_speedup": MIN_SPEEDUP}
+    report_verdicts(summary["verdicts"])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1)
     return 0
+
+
+def report_verdicts(found: dict) -> None:
+    if not found:
+        print("verdicts: none (no kernel rows, or --no-compile); the kernels stay the default")
+        return
+    for family, v in found.items():
+        keep = "stays the default" if v["default"] else f"loses the default (< {MIN_SPEEDUP}x): the reference runs"
+        print(f"verdict: {family} kernel {v['speedup_vs_compiled']:.2f}x the compiled reference -> {keep}")
+    figures = {family: round(v["speedup_vs_compiled"], 2) for family, v in found.items()}
+    print(f"paste into megatron_jp/ops/__init__.py: KERNEL_SPEEDUP_VS_COMPILED = {figures}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from megatron_jp import config as config_module
 from megatron_jp.config import ModelConfig
 from megatron_jp.models import attention as attention_module
 from megatron_jp.models import encoder as encoder_module
+from megatron_jp.models import linear as linear_module
 from megatron_jp.models.hf import remote_wrapper
 from megatron_jp.models.hf.keymap import Entry, one
 from megatron_jp.ops import glu as glu_module
@@ -81,6 +82,7 @@ def parts() -> list[Part]:
             Part(qkv_module.__name__, _source(qkv_module), ("qkv_rope_reference",)),
             Part(config_module.__name__, _source(config_module), ("ModelConfig",)),
             Part(attention_module.__name__, _source(attention_module)),
+            Part(linear_module.__name__, _source(linear_module), ("linear",)),
             Part(encoder_module.__name__, _source(encoder_module)),
             Part(remote_wrapper.__name__, _source(remote_wrapper))]
 

@@ -19,6 +19,7 @@ from megatron_jp.config import Config, OptimConfig
 from megatron_jp.config import preset
 from megatron_jp.models.encoder import build_encoder
 from megatron_jp.parallel import ParallelDims, assemble_full, build_optimizer, build_parallel_model, train_step
+from megatron_jp.precision import Precision
 from megatron_jp.parallel.testing import synthetic_micro_batches
 from megatron_jp.training.checkpoint import (CheckpointError, Checkpointer, find_latest, load_model_state,
                                              save_model_checkpoint)
@@ -37,7 +38,7 @@ def tiny_config(**model) -> Config:
 
 
 def build(cfg: Config, precision="fp32", seed=1):
-    model = build_parallel_model(cfg.model, ONE, seed=seed, precision=precision)
+    model = build_parallel_model(cfg.model, ONE, seed=seed, precision=Precision.decode(precision))
     return model, build_optimizer(model, cfg.optim, ONE)
 
 

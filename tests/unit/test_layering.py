@@ -13,7 +13,7 @@ PACKAGE = Path(megatron_jp.__file__).parent
 # package, a longer package beats a shorter one.
 LAYERS = [
     {"megatron_jp", "megatron_jp.models", "megatron_jp.models.presets", "megatron_jp.files"},  # stdlib only
-    {"megatron_jp.config", "megatron_jp.config_fields"},
+    {"megatron_jp.config", "megatron_jp.config_fields", "megatron_jp.precision"},
     {"megatron_jp.ops.*", "megatron_jp.models.*"},
     {"megatron_jp.data.*"},
     {"megatron_jp.parallel.*"},

@@ -42,19 +42,25 @@ def fp8_hardware(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+# loggers that torchao's import makes warn about what FP8 training does not use: prebuilt CUDA
+# extensions a CPU or another GPU build cannot load, and a deprecated pytree registration
+_IMPORT_NOISE = ("torchao", "torch.utils._pytree")
+
+
 def _torchao_float8():
-    """torchao.float8, imported on first use (it is needed by FP8 runs only); its import warns about
-    prebuilt CUDA extensions that a CPU or another GPU build cannot load, which FP8 training does not use."""
-    log = logging.getLogger("torchao")
-    level = log.level
-    log.setLevel(logging.ERROR)
+    """torchao.float8, imported on first use (FP8 runs only need it), without its import-time noise."""
+    loggers = [logging.getLogger(name) for name in _IMPORT_NOISE]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.ERROR)
     try:
         import torchao.float8 as float8
     except ImportError as e:
         raise RuntimeError("train.precision fp8 needs torchao: pip install 'megatron_jp[fp8]' "
                            "(or pip install torchao)") from e
     finally:
-        log.setLevel(level)
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
     return float8
 
 

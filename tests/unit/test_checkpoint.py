@@ -81,7 +81,7 @@ def load_into_fresh(cfg, iter_dir, with_optimizer=True):
 # ----------------------------------------------------------------------------- round trips
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp8"])
 def test_checkpoint_round_trip_restores_model_and_optimizer_bit_for_bit_and_training_continues_identically(
         tmp_path, precision):
     cfg = tiny_config()

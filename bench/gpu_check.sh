@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The one prepared device check (an H100/H200, ~9 minutes): build the kernels, run tests/gpu, time
+# The one prepared device check (an H100/H200, ~10 minutes): build the kernels, run tests/gpu, time
 # the kernels, our model against transformers, the attention kernels, and three short runs of the
-# real trainer (tohoku-bert-500m at 4,096; modernbert-ja-130m at 1,024 and 8,192). Every stage has
+# real trainer (tohoku-bert-500m at 4,096 in bf16 and fp8; modernbert-ja-130m at 1,024 and 8,192). Every stage has
 # its own time limit and log; OUT_DIR/gpu_check.json gathers what each printed as JSON.
 #
 #   bash bench/gpu_check.sh [OUT_DIR]              # on the GPU machine (default OUT_DIR: $OUT or runs/gpu_check)
@@ -47,6 +47,9 @@ fi
 stage attention 40 "$PY" bench/attention.py $R --iters 10 --json "$DIR/attention.json"
 stage train_tohoku_4k 100 "$PY" bench/train_synthetic.py $R --preset tohoku-bert-500m --seq 4096 --micro-batch 4 \
   --steps 20 --workdir "$DIR/work_tohoku" --json "$DIR/train_tohoku_4k.json"
+stage train_tohoku_4k_fp8 100 "$PY" bench/train_synthetic.py $R --preset tohoku-bert-500m --seq 4096 \
+  --micro-batch 4 --steps 20 --workdir "$DIR/work_tohoku_fp8" --json "$DIR/train_tohoku_4k_fp8.json" \
+  -- --train.precision fp8   # MFU against the FP8 peak; compare tokens_per_second with train_tohoku_4k
 stage train_modernbert_1k 60 "$PY" bench/train_synthetic.py $R --preset modernbert-ja-130m --seq 1024 \
   --micro-batch 32 --steps 20 --workdir "$DIR/work_mb1k" --json "$DIR/train_modernbert_1k.json"
 stage train_modernbert_8k 60 "$PY" bench/train_synthetic.py $R --preset modernbert-ja-130m --seq 8192 \

@@ -107,5 +107,7 @@ setup(
         # tools/evaluate.py: metrics, and the sentence-transformers export (keeps the installed torch)
         "eval": ["scipy", "scikit-learn", "sentence-transformers>=3"],
         "sudachi": ["sudachipy", "sudachidict-core"],
+        # train.precision fp8: torchao's float8 training (tested: 0.18.0 with torch 2.13, CPU emulation)
+        "fp8": ["torchao>=0.18"],
     },
 )

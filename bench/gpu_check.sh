@@ -2,7 +2,7 @@
 # The one prepared device check (an H100/H200, under the device's 10-minute command limit): build the
 # kernels, run tests/gpu, time the fused kernels against eager and compiled references, our model
 # against transformers, the attention kernels, and three short runs of the real trainer
-# (tohoku-bert-500m at 4,096; modernbert-ja-130m at 1,024 and 8,192). Every stage has its own time
+# (tohoku-bert-500m at 4,096 in bf16 and in fp8; modernbert-ja-130m at 1,024 and 8,192). Every stage has its own time
 # limit, and all of them together at most GPU_CHECK_BUDGET seconds (default 570): a stage that would
 # start past the budget is recorded as not run. It ends with one table (stage, status, seconds,
 # headline figure) and exits 1 when any stage failed, timed out or was skipped for time.
@@ -16,8 +16,8 @@
 # With the device tool: rehearse on CPU first, then run `bash bench/gpu_check.sh` with timeout_s 600
 # (the budget keeps it under that); a lease of 15 minutes leaves room to rerun only what failed,
 # `--only STAGE,...`, after a fix.
-# Stages: build gpu_tests kernels model_step attention train_tohoku_4k train_modernbert_1k
-# train_modernbert_8k. PYTHON names the interpreter (default python3).
+# Stages: build gpu_tests kernels model_step attention train_tohoku_4k train_tohoku_4k_fp8
+# train_modernbert_1k train_modernbert_8k. PYTHON names the interpreter (default python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REHEARSE=0
@@ -79,6 +79,9 @@ stage model_step 60 "$PY" bench/model_step.py "${MODEL_STEP[@]}" --compile --jso
 stage attention 30 "$PY" bench/attention.py $R --iters 10 --json "$WORK/attention.json"
 stage train_tohoku_4k 85 "$PY" bench/train_synthetic.py $R --preset tohoku-bert-500m --seq 4096 --micro-batch 4 \
   --steps 20 --workdir "$WORK/work_tohoku" --json "$WORK/train_tohoku_4k.json"
+stage train_tohoku_4k_fp8 85 "$PY" bench/train_synthetic.py $R --preset tohoku-bert-500m --seq 4096 \
+  --micro-batch 4 --steps 20 --workdir "$WORK/work_tohoku_fp8" --json "$WORK/train_tohoku_4k_fp8.json" \
+  -- --train.precision fp8   # MFU against the FP8 peak; compare tokens_per_second with train_tohoku_4k
 stage train_modernbert_1k 45 "$PY" bench/train_synthetic.py $R --preset modernbert-ja-130m --seq 1024 \
   --micro-batch 32 --steps 20 --workdir "$WORK/work_mb1k" --json "$WORK/train_modernbert_1k.json"
 stage train_modernbert_8k 45 "$PY" bench/train_synthetic.py $R --preset modernbert-ja-130m --seq 8192 \

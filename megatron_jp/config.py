@@ -12,7 +12,8 @@ Two kinds of checks, both naming the key and the fix (ConfigError):
   vocabulary is resolved), before any process group or allocation. Builders take validated values.
 
 The model's own section, `ModelConfig`, and the presets live one floor below, in models/config.py;
-this module imports nothing else of the package but the field types.
+this module imports nothing else of the package but the field types and the precision rules
+(megatron_jp/precision.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from megatron_jp.config_fields import (GLU_ACTIVATIONS, Beta, Checked, ConfigErr
                                        NonNegativeFloat, OpenUnit, Positive, PositiveFloat, Probability,
                                        RampUp, Range, SeqLength, Stages, check_fields, coerce, section_fields)
 from megatron_jp.models.config import ModelConfig, preset_fields
+from megatron_jp.precision import FP8_MULTIPLE, fp8_shape_problems
 
 
 # ----------------------------------------------------------------------------- sections
@@ -100,8 +102,13 @@ class TrainConfig(Checked):
     """Sequences per forward pass on one rank; the rest is gradient accumulation."""
     seed: NonNegative = 1234
     """Seeds initialisation, masking and data order."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """fp32, or bf16 (bf16 weights/activations, fp32 master weights and gradient accumulation)."""
+    precision: Literal["fp32", "bf16", "fp8"] = "fp32"
+    """fp32; bf16 (bf16 weights/activations, fp32 master weights and gradient accumulation); or fp8
+    (bf16, with the blocks' linears running FP8 GEMMs through torchao; emulated where CUDA FP8 tensor
+    cores are absent). Read through megatron_jp.precision.Precision."""
+    fp8_recipe: Literal["tensorwise", "rowwise"] = "tensorwise"
+    """train.precision fp8 only: torchao's scaling, tensorwise (one scale per tensor, fastest) or
+    rowwise (one per row: more accurate with outliers)."""
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recomputation: none, selective (core attention) or full (whole blocks)."""
     rampup_batch_size: RampUp | None = None
@@ -417,6 +424,11 @@ def validate_training(cfg: Config):
     _check(o.schedule != "wsd" or o.warmup_steps + o.decay_steps <= t.steps,
            f"optim.warmup_steps + optim.decay_steps ({o.warmup_steps} + {o.decay_steps}) must not exceed "
            f"train.steps ({t.steps}) for the wsd schedule")
+    if t.precision == "fp8":
+        _check(not (problems := fp8_shape_problems(m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim,
+                                                   m.ffn_hidden_size, m.gated, cfg.parallel.tensor)),
+               f"train.precision fp8: FP8 GEMMs need weight dims that are multiples of {FP8_MULTIPLE}; "
+               f"{'; '.join(problems)}. Change those keys or use train.precision bf16")
     ramp = t.rampup_batch_size
     _check(ramp is None or ramp.start <= t.global_batch_size,
            f"train.rampup_batch_size starts at {ramp.start if ramp else 0}, above train.global_batch_size "

@@ -37,6 +37,7 @@ def world_size_from_env(cfg: Config) -> int:
 def dry_run(cfg: Config) -> dict:
     from megatron_jp.models.encoder import build_encoder, count_parameters
     from megatron_jp.parallel.memory import estimate_memory, memory_warning
+    from megatron_jp.precision import Precision
     from megatron_jp.training.startup import resolve_vocab
 
     world = world_size_from_env(cfg)
@@ -50,6 +51,7 @@ def dry_run(cfg: Config) -> dict:
     return {**counts, "preset": cfg.model.preset or None, "vocab_size": cfg.model.vocab_size,
             "world_size": world, "tensor": p.tensor, "pipeline": p.pipeline,
             "data": data_parallel_size(cfg, world), "zero1": p.zero1, "precision": cfg.train.precision,
+            "mfu_peak_tflops": Precision.of(cfg).peak_flops / 1e12,
             **estimate_memory(cfg, world)}
 
 

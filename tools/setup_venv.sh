@@ -14,5 +14,5 @@ pip() { python -m pip --disable-pip-version-check -q "$@" 2> >(grep -v "is ignor
 if [ "${KEEP_TORCH:-0}" != "1" ]; then
   pip install "torch==2.13.0"
 fi
-pip install -e ".[test,plot,eval]"
+pip install -e ".[test,plot,eval,fp8]"
 python -c "import megatron_jp, torch; print(f'megatron_jp {megatron_jp.__version__} with torch {torch.__version__}')"

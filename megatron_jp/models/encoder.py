@@ -23,6 +23,7 @@ from torch import nn
 
 from megatron_jp.models.attention import AttentionContext, attend, token_major
 from megatron_jp.models.config import ModelConfig
+from megatron_jp.models.linear import linear
 from megatron_jp.ops.glu import glu
 from megatron_jp.ops.qkv_rope import qkv_rope
 
@@ -73,26 +74,6 @@ class Embeddings(nn.Module):
         return self.drop(h)
 
 
-class QKVProjection(nn.Module):
-    """x (B, S, H), positions -> q (B, Hq, S, D), k and v (B, Hk, S, D), or (B, S, heads, D) each with
-    `token_major` (what varlen attention takes): one matmul with the fused [all q; all k; all v] weight,
-    then one op that adds the bias, splits the heads and rotates q and k (ops/qkv_rope.py: a CUDA
-    kernel where built). The head counts are this module's, so a
-    tensor-parallel twin with fewer local heads is the same forward on a smaller weight."""
-
-    def __init__(self, cfg: ModelConfig, layer: int, n_heads: int, n_kv_heads: int):
-        super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, cfg.head_dim
-        rows = (n_heads + 2 * n_kv_heads) * self.head_dim
-        self.weight = nn.Parameter(torch.empty(rows, cfg.hidden_size))
-        self.bias = nn.Parameter(torch.empty(rows)) if cfg.qkv_bias else None
-        self.rope, self.theta = cfg.position_embedding == "rope", cfg.layer_theta(layer)
-
-    def forward(self, x, positions, token_major: bool = False):
-        return qkv_rope(F.linear(x, self.weight), self.bias, positions if self.rope else None, self.theta,
-                        self.n_heads, self.n_kv_heads, self.head_dim, token_major)
-
-
 class CoreAttention(nn.Module):
     """softmax(q k^T / sqrt(D) + mask) v with the kernel the mask calls for (models/attention.py). A
     module of its own (no parameters), so recomputation and tensor-parallel dropout seeds can wrap it
@@ -107,17 +88,25 @@ class CoreAttention(nn.Module):
 
 
 class Attention(nn.Module):
+    """The fused QKV projection is one linear with the [all q; all k; all v] weight; one op then splits
+    the heads and rotates q and k (ops/qkv_rope.py: a CUDA kernel where built). The head counts are
+    this module's, so a tensor-parallel twin holding fewer heads runs the same forward."""
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.qkv = QKVProjection(cfg, layer, cfg.num_heads, cfg.num_kv_heads)
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        rows = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+        self.qkv = linear(cfg.hidden_size, rows, cfg.qkv_bias)
         self.core = CoreAttention(cfg)
-        self.out = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.attn_out_bias)
+        self.out = linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, cfg.attn_out_bias)
         self.window = 0 if cfg.is_global_layer(layer) else cfg.sliding_window
+        self.rope, self.theta = cfg.position_embedding == "rope", cfg.layer_theta(layer)
 
     def forward(self, x, ctx: AttentionContext):
         mask = ctx.mask(self.window)
         layout = token_major(mask)  # varlen takes (B, S, heads, D), the others (B, heads, S, D)
-        q, k, v = self.qkv(x, ctx.positions, layout)
+        q, k, v = qkv_rope(self.qkv(x), None, ctx.positions if self.rope else None, self.theta,
+                           self.n_heads, self.n_kv_heads, self.head_dim, layout)
         y = self.core(q, k, v, mask, layout)
         return self.out(y.flatten(2))  # (B, S, heads * D)
 
@@ -126,8 +115,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         width = cfg.ffn_hidden_size * (2 if cfg.gated else 1)
-        self.fc1 = nn.Linear(cfg.hidden_size, width, bias=cfg.mlp_bias)  # gated: [activated; linear]
-        self.fc2 = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.fc1 = linear(cfg.hidden_size, width, cfg.mlp_bias)  # gated: [activated; linear]
+        self.fc2 = linear(cfg.ffn_hidden_size, cfg.hidden_size, cfg.mlp_bias)
         self.activation = cfg.activation
 
     def forward(self, x):
@@ -162,10 +151,10 @@ class MLMHead(nn.Module):
         super().__init__()
         self.transform = cfg.head_type == "transform"
         if self.transform:
-            self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.head_bias)
+            self.dense = linear(cfg.hidden_size, cfg.hidden_size, cfg.head_bias)
             self.approximate = "tanh" if cfg.head_activation == "gelu_tanh" else "none"
             self.norm = make_norm(cfg)
-        self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.decoder_bias)
+        self.decoder = linear(cfg.hidden_size, cfg.vocab_size, cfg.decoder_bias)
 
     def features(self, h):
         """What the decoder reads: the transform's output, or h itself for a linear head."""

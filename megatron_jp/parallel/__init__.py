@@ -6,7 +6,7 @@ The training driver's view::
                                                      # (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID) with
                                                      # MASTER_ADDR/MASTER_PORT; a world of 1 needs nothing
     dims = ParallelDims.from_config(cfg, world, rank, device)   # a validated cfg; creates the groups
-    model = build_parallel_model(cfg.model, dims, seed=cfg.train.seed, precision=cfg.train.precision,
+    model = build_parallel_model(cfg.model, dims, seed=cfg.train.seed, precision=Precision.of(cfg),
                                  recompute=cfg.train.recompute, zero1=cfg.parallel.zero1,
                                  sequence_parallel=cfg.parallel.sequence_parallel)
     optimizer = build_optimizer(model, cfg.optim, dims)

@@ -1,6 +1,7 @@
 """Activation memory of a training step, counted the way our layers save tensors for backward.
 
-Per token and layer, in elements of the activation dtype (p bytes: 2 bf16, 4 fp32), with a, kv the
+Per token and layer, in elements of the activation dtype (p bytes: 2 bf16 and fp8, 4 fp32; FP8 linears
+keep their bf16 input for backward, Precision.activation_bytes), with a, kv the
 rank's query and key/value heads, d the head size, f the rank's MLP width, h the hidden size:
 
   norms        2 x (input h + output h) + their statistics (fp32; 1 for RMSNorm, 2 for LayerNorm)
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 from megatron_jp.config import Config
 from megatron_jp.parallel.loss import CHUNK_ELEMENTS, chunk_tokens
 from megatron_jp.parallel.step import PREDICTED_BUCKET
+from megatron_jp.precision import Precision
 
 
 @dataclass(frozen=True)
@@ -78,10 +80,9 @@ def _bytes(elements: dict[str, float], p: int) -> float:
     return elements["act"] * p + elements["fp32"] * 4 + elements["bytes"]
 
 
-def layer_bytes(cfg: Config, seq: int, tp: int, target: Target) -> tuple[float, float]:
+def layer_bytes(cfg: Config, seq: int, tp: int, target: Target, p: int) -> tuple[float, float]:
     """(bytes per token a block keeps under cfg.train.recompute, bytes per token of one block's full
-    activations: the transient of a recomputed block in backward)."""
-    p = 2 if cfg.train.precision == "bf16" else 4
+    activations: the transient of a recomputed block in backward); p bytes per activation element."""
     full = _bytes(layer_elements(cfg, seq, tp, target), p)
     m = cfg.model
     if cfg.train.recompute == "full":
@@ -94,10 +95,10 @@ def layer_bytes(cfg: Config, seq: int, tp: int, target: Target) -> tuple[float, 
     return full, 0.0
 
 
-def head_bytes(cfg: Config, tokens: int, tp: int) -> dict[str, float]:
+def head_bytes(cfg: Config, tokens: int, tp: int, p: int) -> dict[str, float]:
     """The last stage's per-micro-batch activations outside the blocks: final norm, head transform on
     the predicted tokens, the fused loss's stored gradients; and the loss's transient chunk."""
-    m, p = cfg.model, 2 if cfg.train.precision == "bf16" else 4
+    m = cfg.model
     h, vocab_local = m.hidden_size, m.vocab_size // tp
     predicted = -(-max(int(cfg.data.mask_prob * tokens), 1) // PREDICTED_BUCKET) * PREDICTED_BUCKET
     final_norm = (h * p + _norm_stats(cfg) * 4) * tokens if m.final_norm else 0
@@ -107,8 +108,8 @@ def head_bytes(cfg: Config, tokens: int, tp: int) -> dict[str, float]:
     return {"head": final_norm + transform + stored, "loss_chunk": min(chunk, CHUNK_ELEMENTS) * (4 + 4 + p)}
 
 
-def embedding_bytes(cfg: Config, tokens: int) -> float:
-    m, p = cfg.model, 2 if cfg.train.precision == "bf16" else 4
+def embedding_bytes(cfg: Config, tokens: int, p: int) -> float:
+    m = cfg.model
     return (m.hidden_size * p + _norm_stats(cfg) * 4) * tokens if m.embedding_norm else 0.0
 
 
@@ -123,17 +124,17 @@ def in_flight(cfg: Config, stage: int, micro_batches: int) -> float:
 
 def stage_activation_bytes(cfg: Config, stage: int, dp: int, target: Target = CUDA) -> dict[str, float]:
     """Activation bytes of one pipeline stage at its peak, by part, and their total."""
-    t, p = cfg.train, cfg.parallel
+    t, p, act = cfg.train, cfg.parallel, Precision.of(cfg).activation_bytes
     seq = max([cfg.data.seq_length, *cfg.data.seq_length_stages.values()])
     tokens = t.micro_batch_size * seq
     micro_batches = t.global_batch_size // (t.micro_batch_size * dp)
-    per_token, transient = layer_bytes(cfg, seq, p.tensor, target)
+    per_token, transient = layer_bytes(cfg, seq, p.tensor, target, act)
     layers = cfg.model.num_layers // p.pipeline
     out = {"layers": per_token * tokens * layers * in_flight(cfg, stage, micro_batches),
            "recompute": transient * tokens}
     if stage == 0:
-        out["embedding"] = embedding_bytes(cfg, tokens) * in_flight(cfg, stage, micro_batches)
+        out["embedding"] = embedding_bytes(cfg, tokens, act) * in_flight(cfg, stage, micro_batches)
     if stage == p.pipeline - 1:
-        out.update(head_bytes(cfg, tokens, p.tensor))
+        out.update(head_bytes(cfg, tokens, p.tensor, act))
     out["total"] = sum(out.values())
     return out

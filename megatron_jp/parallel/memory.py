@@ -3,7 +3,8 @@
 Builds each pipeline stage's chunks on the meta device exactly as training would (same sharding,
 same bucket layout and padding), so the first three are the sizes of the buffers training allocates:
 
-  parameters   bucket elements x parameter bytes (4 fp32, 2 bf16)
+  parameters   bucket elements x parameter bytes (4 fp32, 2 bf16 and fp8: FP8 runs keep bf16 weights,
+               cast to FP8 per GEMM)
   gradients    bucket elements x 4 (fp32 accumulation buffers)
   optimizer    owned elements x (8 for the Adam moments + 4 for fp32 master weights under bf16;
                fp32 masters are the parameters themselves); owned = 1/dp of each bucket under ZeRO-1
@@ -18,7 +19,8 @@ from megatron_jp.config import Config, data_parallel_size
 from megatron_jp.parallel.activations import CUDA, Target, stage_activation_bytes
 from megatron_jp.parallel.data_parallel import DEFAULT_BUCKET_SIZE, plan_buckets
 from megatron_jp.parallel.dims import ParallelDims
-from megatron_jp.parallel.model import DTYPES, build_parallel_model
+from megatron_jp.parallel.model import build_parallel_model
+from megatron_jp.precision import Precision
 
 
 def memory_breakdown(cfg: Config, world_size: int, bucket_size: int = DEFAULT_BUCKET_SIZE,
@@ -26,19 +28,19 @@ def memory_breakdown(cfg: Config, world_size: int, bucket_size: int = DEFAULT_BU
     """One dict per pipeline stage (bytes of params, grads, optimizer, activations, total) for its
     first tensor- and data-parallel rank of a validated config; other ranks of a stage hold the same
     amounts. `target` says which kernels the activations are counted for (CUDA by default)."""
-    p = cfg.parallel
+    p, precision = cfg.parallel, Precision.of(cfg)
     dp = data_parallel_size(cfg, world_size)
     stages = []
     for stage in range(p.pipeline):
         rank = stage * dp * p.tensor  # grid coordinates (stage, 0, 0)
         dims = ParallelDims.layout(p.tensor, p.pipeline, dp, p.virtual_pipeline, rank)
-        model = build_parallel_model(cfg.model, dims, device="meta", precision=cfg.train.precision,
+        model = build_parallel_model(cfg.model, dims, device="meta", precision=precision,
                                      sequence_parallel=p.sequence_parallel, zero1=p.zero1)
         numel = sum(b.numel for b in plan_buckets(model.infos, dp, bucket_size))
         owned = numel // dp if p.zero1 and dp > 1 else numel
-        param_bytes = DTYPES[cfg.train.precision].itemsize
-        master = 4 if param_bytes != 4 else 0
-        stage_bytes = {"params": numel * param_bytes, "grads": numel * 4, "optimizer": owned * (8 + master),
+        master = precision.master.itemsize if precision.separate_master else 0
+        stage_bytes = {"params": numel * precision.params.itemsize, "grads": numel * 4,
+                       "optimizer": owned * (8 + master),
                        "activations": int(stage_activation_bytes(cfg, stage, dp, target)["total"])}
         stage_bytes["total"] = sum(stage_bytes.values())
         stages.append(stage_bytes)

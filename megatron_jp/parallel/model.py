@@ -19,6 +19,7 @@ from megatron_jp.models.config import ModelConfig
 from megatron_jp.models.attention import AttentionContext, resolve_backend
 from megatron_jp.models.encoder import (TIED_DECODER, TIED_EMBEDDING, Encoder, MLMOutput, build_encoder,
                                         init_weights, tie)
+from megatron_jp.models.float8 import convert_to_fp8, fp8_hardware
 from megatron_jp.parallel.adamw import decays
 from megatron_jp.parallel.compile import compile_blocks
 from megatron_jp.parallel.data_parallel import DEFAULT_BUCKET_SIZE, GradBuffers
@@ -27,9 +28,7 @@ from megatron_jp.parallel.pipeline import stage_chunk
 from megatron_jp.parallel.recompute import apply_recompute
 from megatron_jp.parallel.sharding import GradReduction, ParamInfo, ShardSpec, sharded_pieces
 from megatron_jp.parallel.tensor_parallel import TPContext, TPPlan, parallelize_chunk
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # train.precision -> parameter dtype
-
+from megatron_jp.precision import Precision
 
 class ParallelModel(nn.Module):
     """The chunks (virtual pipeline stages) this rank runs, plus the bookkeeping of its parameters.
@@ -39,11 +38,11 @@ class ParallelModel(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, dims: ParallelDims, chunks: list[Encoder], infos: list[ParamInfo],
-                 sequence_parallel: bool, dtype: torch.dtype):
+                 sequence_parallel: bool, precision: Precision):
         super().__init__()
         self.cfg, self.dims, self.infos = cfg, dims, infos
         self.chunks = nn.ModuleList(chunks)
-        self.sequence_parallel, self.dtype = sequence_parallel, dtype
+        self.sequence_parallel, self.precision = sequence_parallel, precision
         self.grad_buffers: GradBuffers | None = None
 
     def global_chunk(self, v: int) -> int:
@@ -191,25 +190,28 @@ def initialise(infos: list[ParamInfo], cfg: ModelConfig, seed: int):
         info.param.data.copy_(info.spec.take(full))
 
 
-def build_parallel_model(cfg: ModelConfig, dims: ParallelDims, seed: int = 0, device=None, precision: str = "fp32",
-                         recompute: str = "none", sequence_parallel: bool = False, zero1: bool = False,
-                         compile: bool = False, grad_reduce_dtype: str = "fp32",
+def build_parallel_model(cfg: ModelConfig, dims: ParallelDims, seed: int = 0, device=None,
+                         precision: Precision = Precision(), recompute: str = "none", sequence_parallel: bool = False,
+                         zero1: bool = False, compile: bool = False,
                          bucket_size: int = DEFAULT_BUCKET_SIZE) -> ParallelModel:
     """This rank's chunks, initialised as the single-process model and sharded; takes validated
-    values (config.validate). zero1 shards the gradient sums (and the optimizer built on the model)
-    over data-parallel ranks, summed in grad_reduce_dtype; compile compiles every block
-    (parallel/compile.py). On device "meta" only the structure and the parameter layout exist."""
+    values (config.validate). `precision` sets the parameter dtype, the FP8 linears and the dtype of
+    the gradient sums; zero1 shards those sums (and the optimizer built on the model) over
+    data-parallel ranks; compile compiles every block (parallel/compile.py). On device "meta" only the
+    structure and the parameter layout exist."""
     device = torch.device(device) if device is not None else dims.device
     tp = TPContext(dims.tp_rank, dims.tp, dims.tp_group, sequence_parallel and dims.tp > 1)
     with torch.device("meta"):  # the parallel modules too: values come only after bucketing
         chunks = [stage_chunk(cfg, dims, v) for v in range(dims.vpp)]
         plans = [parallelize_chunk(chunk, cfg, tp) for chunk in chunks]
-    model = ParallelModel(cfg, dims, chunks, [], tp.sequence_parallel, DTYPES[precision])
+        for chunk in chunks if precision.fp8 else ():  # after tensor parallelism: swap_linears keeps it
+            convert_to_fp8(chunk, precision.fp8_recipe, emulate=not fp8_hardware(device))
+    model = ParallelModel(cfg, dims, chunks, [], tp.sequence_parallel, precision)
     model.infos = describe_params(model, plans)
     if device.type == "meta":
         return model
-    model.grad_buffers = GradBuffers(model, model.infos, dims, device, DTYPES[precision], zero1, bucket_size,
-                                     DTYPES[grad_reduce_dtype])
+    model.grad_buffers = GradBuffers(model, model.infos, dims, device, precision.params, zero1, bucket_size,
+                                     precision.grad_reduce)
     initialise(model.infos, cfg, seed)
     model.grad_buffers.register_hooks()
     for chunk in chunks:

@@ -67,13 +67,15 @@ class DistributedOptimizer:
         self.model, self.cfg, self.dims = model, cfg, dims
         self.buffers = model.grad_buffers
         self.zero1 = self.buffers.shard_grads  # the model was built with ZeRO-1 gradient buckets
+        # master weights of their own (bf16 and fp8 parameters), which checkpoints must then save
+        self.separate_master = model.precision.separate_master
         self.step_count = 0
         self.shards = [self._make_shard(bucket) for bucket in self.buffers.buckets]
 
     def _make_shard(self, bucket) -> Shard:
         lo, hi = self.buffers.owned(bucket)
         params = bucket.params[lo:hi]
-        master = params if params.dtype == torch.float32 else params.float()
+        master = params.to(self.model.precision.master) if self.separate_master else params
         decay, norm = [], []
         for index, offset in bucket.plan.members:
             info = self.buffers.infos[index]

@@ -230,7 +230,7 @@ class PipelineRun:
                                   tag=_tag(msg)))
         for msg in step.recvs:
             shape = self.model.hidden_shape(self.batches[msg.microbatch])
-            buffer = torch.empty(shape, dtype=self.model.dtype, device=dims.device)
+            buffer = torch.empty(shape, dtype=self.model.precision.compute, device=dims.device)
             ops.append(dist.P2POp(dist.irecv, buffer, dims.pp_ranks[msg.src], dims.pp_group, tag=_tag(msg)))
             buffers.append((msg, buffer))
         for work in dist.batch_isend_irecv(ops):

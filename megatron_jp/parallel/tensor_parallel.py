@@ -1,6 +1,6 @@
 """Tensor and sequence parallelism applied to an Encoder chunk from outside (torchtitan's
 parallelize(model) split): modules are swapped for their parallel counterparts with local shapes
-(the fused QKV projection for one with this rank's heads), and the two sequence-parallel boundary
+(the fused QKV projection for a column-parallel linear of this rank's heads), and the two sequence-parallel boundary
 collectives that have no module of their own (after the embedding, before the head) run as forward
 hooks. models/encoder.py stays free of process groups.
 
@@ -17,8 +17,8 @@ from torch import nn
 
 from megatron_jp.models.config import ModelConfig
 from megatron_jp.models.encoder import TIED_DECODER, TIED_EMBEDDING, Encoder
-from megatron_jp.parallel.layers import (ColumnParallelLinear, ColumnParallelQKV, RowParallelLinear,
-                                         VocabParallelEmbedding)
+from megatron_jp.models.linear import linear
+from megatron_jp.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from megatron_jp.parallel.mappings import (gather_from_sequence_parallel_region,
                                            scatter_to_sequence_parallel_region)
 from megatron_jp.parallel.random import fork_dropout_rng
@@ -77,18 +77,28 @@ def kv_reduction(cfg: ModelConfig, rank: int, size: int, row: int) -> tuple[Grad
 
 
 def shard_attention(attn: nn.Module, cfg: ModelConfig, tp: TPContext, layer: int) -> dict[str, TPPlan]:
+    """The fused QKV projection keeps this rank's rows of [q; k; v] (qkv_pieces) and the attention its
+    head counts; the output projection takes those heads' columns."""
     prefix = f"layers.{layer}.attn"
     d, hidden = cfg.head_dim, cfg.hidden_size
-    attn.qkv = ColumnParallelQKV(cfg, layer, tp.size, tp.group, tp.sequence_parallel)
-    attn.out = RowParallelLinear(attn.qkv.n_heads * d, hidden, cfg.attn_out_bias, tp.group, tp.sequence_parallel)
+    attn.n_heads, attn.n_kv_heads = cfg.num_heads // tp.size, max(cfg.num_kv_heads // tp.size, 1)
+    rows = (attn.n_heads + 2 * attn.n_kv_heads) * d
+    attn.qkv = linear(hidden, rows, cfg.qkv_bias, ColumnParallelLinear, group=tp.group,
+                      sequence_parallel=tp.sequence_parallel)
+    attn.out = _row_parallel(attn.n_heads * d, hidden, cfg.attn_out_bias, tp)
     pieces = qkv_pieces(cfg, tp.rank, tp.size)
     plans = {f"{prefix}.qkv.weight": TPPlan(0, pieces, kv_reduction(cfg, tp.rank, tp.size, hidden)),
              f"{prefix}.out.weight": TPPlan(1, even_pieces([(0, cfg.num_heads * d)], tp.rank, tp.size))}
     if cfg.qkv_bias:
         plans[f"{prefix}.qkv.bias"] = TPPlan(0, pieces, kv_reduction(cfg, tp.rank, tp.size, 1))
-    if cfg.attn_out_bias and tp.sequence_parallel:
-        plans[f"{prefix}.out.bias"] = _replicated_sp(tp)
     return plans
+
+
+def _row_parallel(in_local: int, out: int, bias: bool, tp: TPContext) -> nn.Linear:
+    """A row-parallel linear; its bias (rank 0 only, parallel/layers.py) needs no plan: replicated,
+    unique on rank 0 and complete there."""
+    return linear(in_local, out, bias, RowParallelLinear, group=tp.group, sequence_parallel=tp.sequence_parallel,
+                  rank=tp.rank)
 
 
 def shard_mlp(mlp: nn.Module, cfg: ModelConfig, tp: TPContext, prefix: str) -> dict[str, TPPlan]:
@@ -96,14 +106,13 @@ def shard_mlp(mlp: nn.Module, cfg: ModelConfig, tp: TPContext, prefix: str) -> d
     glu(local fc1 output) is exactly the local slice of the full activation."""
     ffn, local = cfg.ffn_hidden_size, cfg.ffn_hidden_size // tp.size
     parts = [(0, ffn), (ffn, ffn)] if cfg.gated else [(0, ffn)]
-    mlp.fc1 = ColumnParallelLinear(cfg.hidden_size, local * len(parts), cfg.mlp_bias, tp.group, tp.sequence_parallel)
-    mlp.fc2 = RowParallelLinear(local, cfg.hidden_size, cfg.mlp_bias, tp.group, tp.sequence_parallel)
+    mlp.fc1 = linear(cfg.hidden_size, local * len(parts), cfg.mlp_bias, ColumnParallelLinear, group=tp.group,
+                     sequence_parallel=tp.sequence_parallel)
+    mlp.fc2 = _row_parallel(local, cfg.hidden_size, cfg.mlp_bias, tp)
     fc1 = TPPlan(0, even_pieces(parts, tp.rank, tp.size))
     plans = {f"{prefix}.fc1.weight": fc1, f"{prefix}.fc2.weight": TPPlan(1, even_pieces([(0, ffn)], tp.rank, tp.size))}
     if cfg.mlp_bias:
         plans[f"{prefix}.fc1.bias"] = fc1
-        if tp.sequence_parallel:
-            plans[f"{prefix}.fc2.bias"] = _replicated_sp(tp)
     return plans
 
 
@@ -134,7 +143,7 @@ def shard_head(chunk: Encoder, cfg: ModelConfig, tp: TPContext) -> dict[str, TPP
     the head (its gradient is then split back, not reduced: it is already whole)."""
     pieces = vocab_pieces(cfg, tp)
     head = chunk.head
-    head.decoder = ColumnParallelLinear(cfg.hidden_size, pieces[0].length, cfg.decoder_bias, tp.group)
+    head.decoder = linear(cfg.hidden_size, pieces[0].length, cfg.decoder_bias, ColumnParallelLinear, group=tp.group)
     chunk.tie_weights()
     if tp.sequence_parallel:
         last = chunk.final_norm if chunk.final_norm is not None else list(chunk.layers.values())[-1]

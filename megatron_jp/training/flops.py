@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 
 from megatron_jp.models.config import ModelConfig
-
-H100_BF16_PEAK_FLOPS = 989.4e12  # dense bf16, H100 SXM
+from megatron_jp.precision import H100_BF16_PEAK_FLOPS
 
 
 def matmul_params(m: ModelConfig) -> tuple[int, int]:
@@ -46,4 +45,5 @@ def flops_per_token(m: ModelConfig, s_eff: float, predicted_fraction: float) -> 
 
 
 def mfu(tokens_per_second_per_device: float, flops_token: float, peak: float = H100_BF16_PEAK_FLOPS) -> float:
+    """Model FLOPs per second over `peak` (Precision.peak_flops: an FP8 run against the FP8 peak)."""
     return tokens_per_second_per_device * flops_token / peak

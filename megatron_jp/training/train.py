@@ -48,6 +48,7 @@ from megatron_jp.training.schedules import Curricula
 from megatron_jp.training.startup import Start, checkpoint_dir, resolve_vocab, starting_checkpoint
 from megatron_jp.training.runtime.stop import StopRequest
 from megatron_jp.training.runtime.watchdog import NullWatchdog, Watchdog
+from megatron_jp.precision import Precision
 
 
 class TrainingAborted(RuntimeError):
@@ -158,9 +159,10 @@ class Trainer:
         compiled = compile_enabled(t.compile, dims.device.type)
         if compiled:
             use_compile_cache(t.compile_cache_dir or Path(cfg.run.dir) / "compile_cache")
-        self.model = build_parallel_model(cfg.model, dims, seed=t.seed, precision=t.precision, recompute=t.recompute,
-                                          sequence_parallel=cfg.parallel.sequence_parallel, zero1=cfg.parallel.zero1,
-                                          compile=compiled, grad_reduce_dtype=cfg.parallel.grad_reduce_dtype)
+        self.precision = Precision.of(cfg)  # decoded once: the model, the checkpointer and MFU read it
+        self.model = build_parallel_model(cfg.model, dims, seed=t.seed, precision=self.precision,
+                                          recompute=t.recompute, sequence_parallel=cfg.parallel.sequence_parallel,
+                                          zero1=cfg.parallel.zero1, compile=compiled)
         self.optimizer = build_optimizer(self.model, cfg.optim, dims)
         self.checkpointer = Checkpointer(checkpoint_dir(cfg), cfg, dims, keep=cfg.checkpoint.keep,
                                          async_save=cfg.checkpoint.async_save)
@@ -276,7 +278,7 @@ class Trainer:
             count = torch.tensor(tokens, dtype=torch.float64, device=self.dims.device)
             dist.all_reduce(count, group=self.dims.dp_group)
             tokens = count.item()
-        record = {"step": step, **self.log.summary(tokens, self.cfg, self.dims.world_size),
+        record = {"step": step, **self.log.summary(tokens, self.cfg, self.dims.world_size, self.precision),
                   "consumed_samples": self.progress.consumed_samples, "skipped_steps": self.progress.skipped_steps,
                   "memory_gb": peak_memory_gb(self.dims.device)}
         self.log = LogWindow()
@@ -353,8 +355,9 @@ class LogWindow:
         self.steps += 1
         self.last = {"lr": lr, "global_batch_size": batch_size, "seq_length": seq_length, "mask_prob": mask_prob}
 
-    def summary(self, global_tokens: float, cfg: Config, world: int) -> dict:
-        """loss and grad_norm are means over the interval's applied steps (exact values at interval 1)."""
+    def summary(self, global_tokens: float, cfg: Config, world: int, precision: Precision) -> dict:
+        """loss and grad_norm are means over the interval's applied steps (exact values at interval 1);
+        mfu is against the precision's peak (Precision.peak_flops: H100 SXM dense bf16, or FP8)."""
         nan = float("nan")
         s_eff = self.flop_tokens / max(self.tokens, 1)
         predicted_fraction = self.predicted / max(global_tokens, 1)
@@ -366,7 +369,7 @@ class LogWindow:
                 **self.last,
                 "tokens_per_second": tokens_per_second,
                 "tflops_per_gpu": per_device * fpt / 1e12,
-                "mfu": mfu(per_device, fpt),
+                "mfu": mfu(per_device, fpt, precision.peak_flops),
                 "step_seconds": self.seconds / max(self.steps, 1)}
 
 

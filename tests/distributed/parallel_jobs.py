@@ -19,6 +19,7 @@ from megatron_jp.models.config import preset
 from megatron_jp.models.encoder import build_encoder
 from megatron_jp.parallel import (ParallelDims, assemble_full, build_optimizer, build_parallel_model, eval_step,
                                   memory_breakdown, train_step)
+from megatron_jp.precision import Precision
 from megatron_jp.parallel.testing import reference_run, synthetic_micro_batches
 
 VOCAB, SEQ, ROWS, MICRO_BATCHES, STEPS = 128, 32, 2, 4, 5
@@ -55,6 +56,7 @@ def layout_config(case: dict) -> Config:
     p.tensor, p.pipeline, p.virtual_pipeline = case.get("tp", 1), case.get("pp", 1), case.get("vpp", 1)
     p.sequence_parallel, p.zero1 = case.get("sp", False), case.get("zero1", False)
     cfg.train.precision, cfg.train.recompute = case.get("precision", "fp32"), case.get("recompute", "none")
+    cfg.train.fp8_recipe, cfg.parallel.grad_reduce_dtype = case.get("recipe", "tensorwise"), case.get("reduce", "fp32")
     cfg.train.micro_batch_size, cfg.train.global_batch_size = ROWS, ROWS * MICRO_BATCHES
     cfg.optim = OPTIM
     return cfg
@@ -63,9 +65,9 @@ def layout_config(case: dict) -> Config:
 def build(case: dict, rank: int, world: int):
     cfg = layout_config(case)
     dims = ParallelDims.from_config(cfg, world, rank)
-    model = build_parallel_model(cfg.model, dims, seed=SEED, precision=cfg.train.precision,
+    model = build_parallel_model(cfg.model, dims, seed=SEED, precision=Precision.of(cfg),
                                  recompute=cfg.train.recompute, sequence_parallel=cfg.parallel.sequence_parallel,
-                                 zero1=cfg.parallel.zero1, grad_reduce_dtype=case.get("reduce", "fp32"),
+                                 zero1=cfg.parallel.zero1,
                                  bucket_size=BUCKET)
     return cfg, dims, model, build_optimizer(model, cfg.optim, dims)
 

@@ -65,15 +65,16 @@ def check_row_parallel_linear(dims, tp):
     y = full(x)
     y.backward(grad_y)
     w_spec = _spec((16, 24), _columns(24, tp.rank), 1)
-    layer = RowParallelLinear(12, 16, True, tp.group)
+    layer = RowParallelLinear(12, 16, True, tp.group, rank=tp.rank)
     layer.weight.data.copy_(w_spec.take(full.weight.data))
-    layer.bias.data.copy_(full.bias.data)
+    if tp.rank == 0:  # the bias lives on rank 0 only (added once, before the reduction)
+        layer.bias.data.copy_(full.bias.data)
     x2 = x.detach().chunk(TP, -1)[tp.rank].clone().requires_grad_()
     y2 = layer(x2)
     y2.backward(grad_y)
+    bias = [("bias grad", layer.bias.grad, full.bias.grad)] if tp.rank == 0 else []
     return [("output", y2, y), ("input grad", x2.grad, x.grad.chunk(TP, -1)[tp.rank]),
-            ("weight grad", layer.weight.grad, w_spec.take(full.weight.grad)),
-            ("bias grad", layer.bias.grad, full.bias.grad)]
+            ("weight grad", layer.weight.grad, w_spec.take(full.weight.grad))] + bias
 
 
 def check_vocab_parallel_embedding(dims, tp):

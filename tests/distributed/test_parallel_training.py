@@ -51,6 +51,10 @@ MEMORY = [case(job="memory", tp=2, dp=2, zero1=True), case(job="memory", tp=2, d
 BF16 = case(job="bf16", tp=2, dp=2, zero1=True, sp=True, precision="bf16")
 BF16_REDUCE = [case(dp=4, zero1=True, reduce="bf16"), case(tp=2, dp=2, reduce="bf16")]
 EXTRA4 = [RESHARD, *MEMORY, BF16, *BF16_REDUCE]
+# FP8 (emulated) under TP, SP, PP, ZeRO-1 and recompute, both torchao recipes
+FP8_WORLD2 = [case(tp=2, precision="fp8"), case(tp=2, sp=True, precision="fp8", recipe="rowwise")]
+FP8_WORLD4 = [case(tp=2, pp=2, precision="fp8"),
+              case(tp=2, dp=2, zero1=True, sp=True, recompute="full", precision="fp8")]
 
 
 def run_world(tmp_path_factory, world, cases, timeout_s):
@@ -61,12 +65,12 @@ def run_world(tmp_path_factory, world, cases, timeout_s):
 
 @pytest.fixture(scope="module")
 def world2(tmp_path_factory):
-    return run_world(tmp_path_factory, 2, WORLD2, timeout_s=240)
+    return run_world(tmp_path_factory, 2, WORLD2 + FP8_WORLD2, timeout_s=300)
 
 
 @pytest.fixture(scope="module")
 def world4(tmp_path_factory):
-    return run_world(tmp_path_factory, 4, WORLD4 + EXTRA4, timeout_s=300)
+    return run_world(tmp_path_factory, 4, WORLD4 + EXTRA4 + FP8_WORLD4, timeout_s=360)
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +150,50 @@ def test_bf16_training_lowers_the_loss_with_fp32_master_weights_and_gradients(wo
     assert dtypes["params"] == {"torch.bfloat16"}
     assert dtypes["grads"] == {"torch.float32"} and dtypes["master"] == {"torch.float32"}
     assert dtypes["master_is_separate"]
+
+
+@pytest.fixture(scope="module")
+def fp8_reference(tmp_path_factory):
+    """The single-process FP8 run of each recipe (the same job, world of one, this process)."""
+    out = tmp_path_factory.mktemp("fp8-single")
+    runs = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for recipe in ("tensorwise", "rowwise"):
+            c = case(precision="fp8", recipe=recipe)
+            jobs.parity(0, 1, c, str(out))
+            runs[recipe] = torch.load(out / f"{c['id']}.pt")
+    finally:
+        torch.set_num_threads(threads)
+    return runs
+
+
+def assert_same_fp8_run(result, ref):
+    """A layout's FP8 run against the single-process FP8 run. Each rank scales its FP8 casts by its own
+    shard (a column shard's amax, a row-parallel input's partial rows), a finer scale than the whole
+    tensor's, so products round differently by up to e4m3's 2^-4 relative; averaged over the ~10^3
+    products of an output and the ~250 predicted tokens of a step, the loss moves by ~3e-4 relative
+    (measured), 2e-3 allowed; the gradient norm, a sum of squares over fewer elements, by ~3e-3, 1e-2
+    allowed. A lost collective or a wrong shard moves the loss by more than 1e-1. Parameters are bf16:
+    masters a hair apart can round to neighbouring bf16 values, one ulp of the norm scales' 1.0
+    (2^-7 = 7.8e-3), so single elements may differ by 1e-2 while the mean stays below lr (measured
+    4e-4; a wrong gradient moves elements by ~lr per step)."""
+    for i, (step, want) in enumerate(zip(result["steps"], ref["steps"])):
+        assert abs(step["loss"] - want["loss"]) <= 2e-3 * want["loss"], f"step {i} loss"
+        assert abs(step["grad_norm"] - want["grad_norm"]) <= 1e-2 * want["grad_norm"], f"step {i} grad norm"
+    assert abs(result["eval"]["loss"] - ref["eval"]["loss"]) <= 2e-3 * ref["eval"]["loss"]
+    assert result["params"].keys() == ref["params"].keys()
+    for name, want in ref["params"].items():
+        error = (result["params"][name] - want).abs()
+        assert error.max().item() <= 1e-2 and error.mean().item() <= jobs.LR, name
+
+
+@pytest.mark.parametrize("c", FP8_WORLD2, ids=[c["id"] for c in FP8_WORLD2])
+def test_two_rank_fp8_layouts_train_like_the_single_process_fp8_run_within_fp8_rounding(world2, fp8_reference, c):
+    assert_same_fp8_run(world2[c["id"]], fp8_reference[c.get("recipe", "tensorwise")])
+
+
+@pytest.mark.parametrize("c", FP8_WORLD4, ids=[c["id"] for c in FP8_WORLD4])
+def test_four_rank_fp8_layouts_train_like_the_single_process_fp8_run_within_fp8_rounding(world4, fp8_reference, c):
+    assert_same_fp8_run(world4[c["id"]], fp8_reference[c.get("recipe", "tensorwise")])

@@ -20,6 +20,7 @@ from megatron_jp.models.config import preset
 from megatron_jp.models.encoder import build_encoder
 from megatron_jp.parallel import (ParallelDims, assemble_full, build_optimizer, build_parallel_model,
                                   train_step)
+from megatron_jp.precision import Precision
 from megatron_jp.parallel.testing import synthetic_micro_batches
 from megatron_jp.training.checkpoint import (CheckpointError, Checkpointer, find_latest, load_model_state,
                                              save_model_checkpoint)
@@ -38,7 +39,7 @@ def tiny_config(**model) -> Config:
 
 
 def build(cfg: Config, precision="fp32", seed=1):
-    model = build_parallel_model(cfg.model, ONE, seed=seed, precision=precision)
+    model = build_parallel_model(cfg.model, ONE, seed=seed, precision=Precision.decode(precision))
     return model, build_optimizer(model, cfg.optim, ONE)
 
 
@@ -81,7 +82,7 @@ def load_into_fresh(cfg, iter_dir, with_optimizer=True):
 # ----------------------------------------------------------------------------- round trips
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp8"])
 def test_checkpoint_round_trip_restores_model_and_optimizer_bit_for_bit_and_training_continues_identically(
         tmp_path, precision):
     cfg = tiny_config()

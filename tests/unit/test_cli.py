@@ -31,6 +31,24 @@ def test_dry_run_refuses_a_bad_config_naming_the_key(capsys):
     assert "model.hidden_size (64) must be divisible by model.num_heads (3)" in capsys.readouterr().err
 
 
+def test_fp8_dry_run_plans_bf16_weights_and_names_the_fp8_peak(capsys):
+    args = ["--dry-run", "--model.preset", "tohoku-bert-500m", "--data.seq_length", "4096"]
+    assert train_main(args + ["--train.precision", "bf16"]) == 0
+    bf16 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert train_main(args + ["--train.precision", "fp8", "--train.fp8_recipe", "rowwise"]) == 0
+    fp8 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert fp8["precision"] == "fp8" and fp8["mfu_peak_tflops"] == 1978.9 and bf16["mfu_peak_tflops"] == 989.4
+    # FP8 runs keep bf16 weights, fp32 masters and bf16 saved activations: the same plan as bf16
+    assert fp8["memory_per_rank_bytes"] == bf16["memory_per_rank_bytes"]
+
+
+def test_fp8_dry_run_refuses_shapes_fp8_gemms_cannot_take_naming_the_key(capsys):
+    assert train_main(["--dry-run", "--model.preset", "tiny", "--train.precision", "fp8",
+                       "--model.ffn_hidden_size", "120"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: train.precision fp8") and "model.ffn_hidden_size" in err
+
+
 def test_dry_run_runs_as_a_module_from_a_yaml_file():
     out = subprocess.run([sys.executable, "-m", "megatron_jp.train", "--config",
                           str(ROOT / "examples" / "retrieva-bert-1.3b.yaml"), "--dry-run"],

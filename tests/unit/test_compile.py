@@ -2,12 +2,14 @@
 graph capture is what is checked here (no graph break inside a block, no recompiles as shapes
 change); Inductor's code generation is the GPU check's."""
 
+import pytest
 import torch
 import torch._dynamo
 
 from megatron_jp.models.config import preset
 from megatron_jp.models.attention import AttentionContext
 from megatron_jp.models.encoder import build_encoder
+from megatron_jp.models.float8 import convert_to_fp8
 from megatron_jp.parallel.compile import compile_blocks
 from megatron_jp.parallel.testing import synthetic_micro_batches
 
@@ -68,3 +70,21 @@ def test_the_context_of_a_batch_is_shared_by_every_compiled_block(one_thread):
         shared = model.eval()(batch["input_ids"], batch["labels"], batch["segment_ids"], ctx=ctx).logits
         built = model(batch["input_ids"], batch["labels"], batch["segment_ids"], batch["position_ids"]).logits
     torch.testing.assert_close(shared, built, rtol=0, atol=0)
+
+
+def test_fp8_blocks_compile_without_graph_break_forward_and_backward_and_compute_what_eager_does(one_thread):
+    """torchao's Float8Linear (emulated) inside a fullgraph block, traced through AOTAutograd (the
+    path Inductor takes on the GPU): the FP8 casts, scales and both GEMMs of backward are captured."""
+    pytest.importorskip("torchao.float8")
+    torch._dynamo.reset()
+    models = []
+    for compiled in (False, True):
+        model = build_encoder(preset("tiny", vocab_size=96), seed=1, dtype=torch.bfloat16)
+        convert_to_fp8(model, "tensorwise", emulate=True)
+        if compiled:
+            compile_blocks(model, fullgraph=True, backend="aot_eager")
+        models.append((model, run(model, 40, True)))
+    (eager, eager_logits), (compiled, compiled_logits) = models
+    torch.testing.assert_close(compiled_logits, eager_logits, rtol=0, atol=0)
+    for (name, a), (_, b) in zip(compiled.named_parameters(), eager.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, msg=name)

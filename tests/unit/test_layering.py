@@ -13,7 +13,7 @@ PACKAGE = Path(megatron_jp.__file__).parent
 # package, a longer package beats a shorter one.
 LAYERS = [
     {"megatron_jp", "megatron_jp.models", "megatron_jp.files", "megatron_jp.config_fields",
-     "megatron_jp.torch_compat"},  # stdlib and torch only
+     "megatron_jp.torch_compat", "megatron_jp.precision"},  # stdlib and torch only
     {"megatron_jp.models.config"},
     {"megatron_jp.config"},
     {"megatron_jp.ops.*", "megatron_jp.models.*"},

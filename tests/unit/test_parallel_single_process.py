@@ -9,6 +9,7 @@ from megatron_jp.models.config import preset
 from megatron_jp.models.encoder import build_encoder
 from megatron_jp.parallel import (ParallelDims, build_optimizer, build_parallel_model, eval_step, memory_breakdown,
                                   train_step)
+from megatron_jp.precision import Precision
 from megatron_jp.parallel.testing import reference_run, synthetic_micro_batches
 from megatron_jp.parallel.adamw import adamw_update_, param_groups
 
@@ -109,12 +110,12 @@ def test_eval_step_reports_the_plain_encoders_loss_and_accuracy():
     assert out.accuracy == pytest.approx((logits.argmax(-1) == targets).float().mean().item(), abs=1e-9)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp8"])
 def test_memory_estimate_equals_the_single_process_buffers(precision):
     cfg = Config()
     cfg.model = preset("tiny", vocab_size=128)
     cfg.train.precision = precision
-    model = build_parallel_model(cfg.model, ONE, precision=precision)
+    model = build_parallel_model(cfg.model, ONE, precision=Precision.of(cfg))
     optimizer = build_optimizer(model, cfg.optim, ONE)
     params = sum(b.params.nbytes for b in model.grad_buffers.buckets)
     grads = sum(b.grads.nbytes for b in model.grad_buffers.buckets)

@@ -20,6 +20,7 @@ from megatron_jp.models import config as model_config_module
 from megatron_jp.models.config import ModelConfig
 from megatron_jp.models import attention as attention_module
 from megatron_jp.models import encoder as encoder_module
+from megatron_jp.models import linear as linear_module
 from megatron_jp.models.hf import remote_wrapper
 from megatron_jp.models.hf.keymap import Entry, one
 from megatron_jp.ops import glu as glu_module
@@ -83,6 +84,7 @@ def parts() -> list[Part]:
             Part(fields_module.__name__, _source(fields_module)),
             Part(model_config_module.__name__, _source(model_config_module)),
             Part(attention_module.__name__, _source(attention_module)),
+            Part(linear_module.__name__, _source(linear_module), ("linear",)),
             Part(encoder_module.__name__, _source(encoder_module)),
             Part(remote_wrapper.__name__, _source(remote_wrapper))]
 

@@ -23,6 +23,7 @@ from megatron_jp.config import Config
 from megatron_jp.files import remove_quietly
 from megatron_jp.models.encoder import tie, untie
 from megatron_jp.parallel.model import full_shapes
+from megatron_jp.precision import Precision
 from megatron_jp.training.checkpoint import dcp_pieces
 from megatron_jp.training.checkpoint.store import (LATEST, MODEL_PREFIX, MOMENTS, OPTIM_PREFIX, RANK_STATE,
                                                    CheckpointError, check_files, check_same_shapes,
@@ -116,7 +117,8 @@ def checkpoint_bytes(cfg: Config) -> int:
     """About how many bytes one checkpoint of this run takes: weights at their precision, two fp32
     Adam moments, fp32 master weights when the parameters are not fp32 (rank states are small)."""
     params = sum(math.prod(shape) for shape in full_shapes(cfg.model).values())
-    per_param = 4 + 8 if cfg.train.precision == "fp32" else 2 + 8 + 4
+    precision = Precision.of(cfg)
+    per_param = precision.params.itemsize + 8 + (precision.master.itemsize if precision.separate_master else 0)
     return params * per_param + (1 << 20)
 
 
@@ -335,7 +337,7 @@ class Checkpointer:
         if optimizer is None:
             return state, None
         sharded = optimizer.sharded_state_dict(for_saving=True)  # collective: ZeRO-1 gathers over dp
-        kinds = MOMENTS if model.dtype == torch.float32 else (*MOMENTS, "master")
+        kinds = (*MOMENTS, "master") if optimizer.separate_master else MOMENTS
         for kind in kinds:
             state.update(_keyed(f"{OPTIM_PREFIX}{kind}.", sharded[kind], primary_only=True))
         return state, sharded["step"]

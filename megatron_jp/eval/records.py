@@ -134,3 +134,39 @@ def write_result(out_dir: str | os.PathLike, result: dict) -> Path:
 
 def read_predictions(path: str | os.PathLike) -> list[dict]:
     return [record for _, record in read_jsonl(path)]
+
+
+# ----------------------------------------------------------------------------- claiming an output
+
+RESULTS = ("result.json", "predictions.jsonl", "sweep")  # what an evaluation writes in its --output
+
+
+def _real(path) -> Path:
+    return Path(os.path.realpath(os.path.abspath(path)))
+
+
+def _within(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def refuse_overlap(inputs: Iterable, written: Iterable, replaced: Iterable = ()) -> None:
+    """Refuse to write over what the command reads: an input that is one of the `written` files, or
+    that lies in (or holds) a `replaced` folder; `inputs` may hold None for options not given."""
+    paths = [(p, _real(p)) for p in inputs if p]
+    for out in written:
+        for given, real in paths:
+            if real == _real(out):
+                raise EvalInputError(f"{out} is also an input ({given}); write the output elsewhere")
+    for folder in replaced:
+        for given, real in paths:
+            if _within(real, _real(folder)) or _within(_real(folder), real):
+                raise EvalInputError(f"--output {folder} would replace or sit inside the input {given}; "
+                                     "choose another --output")
+
+
+def claim_results_folder(out_dir: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse a --output folder that holds an earlier evaluation's results, unless --overwrite."""
+    earlier = [name for name in RESULTS if (Path(out_dir) / name).exists()]
+    if earlier and not overwrite:
+        raise EvalInputError(f"--output {out_dir} holds earlier results ({', '.join(earlier)}): pass --overwrite "
+                             "to replace them, or choose another folder")

@@ -37,7 +37,7 @@ from megatron_jp.parallel import (ParallelDims, StepResult, build_optimizer, bui
                                   init_process_group, launch_env, train_step)
 from megatron_jp.parallel.compile import compile_enabled, use_compile_cache
 from megatron_jp.parallel.memory import memory_warning
-from megatron_jp.training import environment, schedules
+from megatron_jp.training import consensus, environment, schedules
 from megatron_jp.training.checkpoint import Checkpointer, CheckpointError, checkpoint_bytes
 from megatron_jp.training.flops import effective_seq_length, flops_per_token, mfu
 from megatron_jp.training.metrics import MetricsWriter, console_line
@@ -81,6 +81,7 @@ def run(cfg: Config, stop: StopRequest | None = None) -> int:
     trainer, locks = None, []
     try:
         rank, world, device = init_process_group(timeout_s=watchdog.backstop_s)
+        consensus.agree(cfg, build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model))  # all or none
         dims = ParallelDims.from_config(cfg, world, rank, device)
         environment.report(world, rank, cfg.run.dir)
         watchdog.started()
@@ -92,7 +93,7 @@ def run(cfg: Config, stop: StopRequest | None = None) -> int:
         trainer = Trainer(cfg, dims, loaders, curricula, watchdog)
         trainer.fit(start, stop)
         return 0
-    except LockedError as e:
+    except (LockedError, consensus.RanksDisagree) as e:
         return fail(e, rank, status=2)
     except (TrainingAborted, CheckpointError, ConfigError, DataError) as e:
         return fail(e, rank, status=1)

@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_jp.eval.records import (RESULTS, EvalInputError, claim_results_folder, refuse_overlap,  # noqa: E402
                                      write_predictions, write_result)
 from megatron_jp.eval.tasks import TASKS  # noqa: E402
+from megatron_jp.files import holds_files, inside  # noqa: E402
 
 
 def add_model(p, output_required: bool = True):
@@ -137,12 +138,13 @@ def claim_outputs(args) -> None:
     out = Path(args.output)
     if args.command == "export-sentence-transformers":
         refuse_overlap(inputs, [], replaced=[out])
-        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        if holds_files(out) and not args.overwrite:
             raise EvalInputError(f"--output {out} exists and is not empty: pass --overwrite to replace it (the new "
                                  "folder is written beside it, then swapped in), or choose another folder")
         return None
     refuse_overlap(inputs, [out / name for name in RESULTS], replaced=[out / "sweep"])
-    refuse_overlap([args.model], [], replaced=[out])  # results inside the model folder (or the model in ours)
+    if inside(out, args.model):
+        raise EvalInputError(f"--output {out} is inside the model folder {args.model}; write results elsewhere")
     claim_results_folder(out, args.overwrite)
 
 

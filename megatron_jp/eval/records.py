@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from megatron_jp.files import overlaps
+
 
 class EvalInputError(ValueError):
     """An input file the evaluation cannot use; the message says where and what was expected."""
@@ -141,26 +143,18 @@ def read_predictions(path: str | os.PathLike) -> list[dict]:
 RESULTS = ("result.json", "predictions.jsonl", "sweep")  # what an evaluation writes in its --output
 
 
-def _real(path) -> Path:
-    return Path(os.path.realpath(os.path.abspath(path)))
-
-
-def _within(inner: Path, outer: Path) -> bool:
-    return inner == outer or outer in inner.parents
-
-
 def refuse_overlap(inputs: Iterable, written: Iterable, replaced: Iterable = ()) -> None:
     """Refuse to write over what the command reads: an input that is one of the `written` files, or
     that lies in (or holds) a `replaced` folder; `inputs` may hold None for options not given."""
-    paths = [(p, _real(p)) for p in inputs if p]
+    given = [p for p in inputs if p]
     for out in written:
-        for given, real in paths:
-            if real == _real(out):
-                raise EvalInputError(f"{out} is also an input ({given}); write the output elsewhere")
+        for path in given:
+            if os.path.realpath(out) == os.path.realpath(path):
+                raise EvalInputError(f"{out} is also an input ({path}); write the output elsewhere")
     for folder in replaced:
-        for given, real in paths:
-            if _within(real, _real(folder)) or _within(_real(folder), real):
-                raise EvalInputError(f"--output {folder} would replace or sit inside the input {given}; "
+        for path in given:
+            if overlaps(path, folder):
+                raise EvalInputError(f"--output {folder} would replace or sit inside the input {path}; "
                                      "choose another --output")
 
 

@@ -158,3 +158,11 @@ def test_plot_metrics_never_writes_over_its_metrics_or_an_existing_file(tool, tm
     status, err = run(tool, "plot_metrics", tmp_path, "--output", tmp_path / "figure.png")
     assert status == 2 and "--overwrite" in err and (tmp_path / "figure.png").read_bytes() == b"mine"
     assert run(tool, "plot_metrics", tmp_path, "--output", tmp_path / "figure.png", "--overwrite")[0] == 0
+
+
+def test_average_checkpoints_never_writes_inside_a_checkpoint_it_reads(tool, checkpoint):
+    iteration = checkpoint / "iter_0000003"
+    before = sorted(p.name for p in iteration.iterdir())
+    status, err = run(tool, "average_checkpoints", "--checkpoints", checkpoint, checkpoint, "--output", iteration / "avg")
+    assert status == 2 and "lies inside the checkpoint it reads" in err
+    assert sorted(p.name for p in iteration.iterdir()) == before

@@ -63,7 +63,7 @@ from megatron_jp.training.ckpt_store import (  # noqa: F401  (re-exported: the c
     CONFIG, LATEST, META, MODEL_PREFIX, MOMENTS, OPTIM_PREFIX, RANK_STATE, CheckpointError, check_files,
     check_same_shapes, find_latest, iteration_folders, iteration_name, new_run_id, non_finite_names, publish,
     prune, read_config, read_meta, refuse_foreign, resolve_checkpoint, saved_shapes, start_folder,
-    write_metadata, _listing, _read_error, _write_error)
+    write_metadata, _listing, _read_error, _write_error, interrupted)
 from megatron_jp.training.manifest import write_durably
 from megatron_jp.training.run_lock import DirLock, LockedError
 
@@ -328,8 +328,10 @@ class Checkpointer:
                 self._pending = _PendingSave(step, tmp, info, future, rank_files)
                 return
             report = dcp_pieces.save(state, tmp, self.group, self._no_dist)
-        except (Exception, CheckpointException) as e:
+        except (Exception, CheckpointException, KeyboardInterrupt) as e:
             self._abandon(tmp)
+            if interrupted(e):
+                raise KeyboardInterrupt from None
             raise _write_error(tmp, e) from None
         self._publish(step, tmp, info, {**report.files, **rank_files}, report.hash_seconds)
 
@@ -339,8 +341,10 @@ class Checkpointer:
         if pending is not None:
             try:
                 report = pending.future.result()
-            except (Exception, CheckpointException) as e:
+            except (Exception, CheckpointException, KeyboardInterrupt) as e:
                 self._abandon(pending.tmp)
+                if interrupted(e):
+                    raise KeyboardInterrupt from None
                 raise _write_error(pending.tmp, e) from None
             self._publish(pending.step, pending.tmp, pending.info, {**report.files, **pending.rank_files},
                           report.hash_seconds)

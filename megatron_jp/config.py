@@ -295,6 +295,11 @@ class CheckpointConfig:
     """With load: restart the step count (learning-rate schedule, curricula) and the data position at 0."""
     async_save: bool = False
     """Write checkpoints in the background while training goes on (published when complete)."""
+    allow_changes: str = ""
+    """Comma-separated model keys (and/or `tokenizer`) that may differ from the checkpoint's when
+    resuming or starting a phase, e.g. "activation,norm" (experts: the loaded weights were trained for
+    the checkpoint's). A phase (checkpoint.load) may always change rope_theta, local_rope_theta,
+    max_position_embeddings, sliding_window and the dropouts; a resume of the same run nothing."""
 
 
 @dataclass

@@ -44,7 +44,8 @@ from megatron_jp.training.metrics import MetricsWriter, console_line
 from megatron_jp.training.probe import MaskedWordProbe, build_dataset
 from megatron_jp.training.run_lock import LockedError, hold_run_dirs
 from megatron_jp.training.schedules import Curricula
-from megatron_jp.training.startup import Start, checkpoint_dir, resolve_vocab, starting_checkpoint
+from megatron_jp.training.startup import (Start, check_continuation, checkpoint_dir, resolve_vocab, starting_checkpoint,
+                                          tokenizer_record)
 from megatron_jp.training.stop import StopRequest
 from megatron_jp.training.watchdog import NullWatchdog, Watchdog
 
@@ -74,6 +75,7 @@ def run(cfg: Config, stop: StopRequest | None = None) -> int:
         validate(cfg, world)
         start = starting_checkpoint(cfg)
         resolve_vocab(cfg, start)
+        check_continuation(cfg, start)
         loaders, curricula = prepare_data(cfg, rank, world)
     except (ConfigError, CheckpointError, ValueError, OSError) as e:  # before any process group exists
         return fail(e, rank, status=2)
@@ -165,6 +167,7 @@ class Trainer:
         self.checkpointer = Checkpointer(checkpoint_dir(cfg), cfg, dims, keep=cfg.checkpoint.keep,
                                          async_save=cfg.checkpoint.async_save)
         self.progress = Progress()
+        self.tokenizer = tokenizer_record(cfg)  # recorded in every checkpoint: a resume compares it
         self.is_logger = dims.rank == 0  # every rank holds the same reduced loss; one writes it
         self.metrics = MetricsWriter(cfg.run.dir, enabled=self.is_logger)
         self.log = LogWindow()
@@ -313,7 +316,7 @@ class Trainer:
     def save(self):
         self.watchdog.mark(self.progress.step, "checkpoint save")
         meta = {"step": self.progress.step, "consumed_samples": self.progress.consumed_samples,
-                "skipped_steps": self.progress.skipped_steps}
+                "skipped_steps": self.progress.skipped_steps, "tokenizer": self.tokenizer}
         self.checkpointer.save(self.progress.step, self.model, self.optimizer, meta=meta, rank_state=get_rng_state())
 
     def say(self, message: str):

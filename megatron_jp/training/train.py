@@ -108,6 +108,10 @@ def run(cfg: Config, stop: StopRequest | None = None) -> int:
         return fail(RuntimeError("interrupted: exiting without saving; `latest` names the last complete "
                                  "checkpoint"), rank, status=130)
     except RuntimeError as e:  # gloo raises this when a peer's connection closes
+        if str(e).startswith("DataLoader worker"):  # torch's words for a worker killed (OOM) or crashed
+            return fail(RuntimeError(f"a data loader worker of rank {rank} died ({str(e).strip()}); the last "
+                                     "published checkpoint stays `latest`. If the OOM killer ended it, lower "
+                                     "data.num_workers or give the job more memory"), 0, status=1)
         watchdog.collective_failed(e)  # names the rank that vanished and exits, if one did
         raise
     finally:

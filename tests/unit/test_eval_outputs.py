@@ -3,8 +3,6 @@ no output is written over an input (even with --overwrite), the leaderboard refu
 one model and task and lists scores, not counts, and export-sentence-transformers writes its
 result.json and replaces an earlier folder whole."""
 
-import contextlib
-import io
 import json
 
 import pytest
@@ -15,22 +13,9 @@ from megatron_jp.data.tokenizers import build_tokenizer, save_hf_tokenizer
 from megatron_jp.models.encoder import build_encoder
 from megatron_jp.models.hf import export_hf
 from test_data_helpers import train_spm
+from test_evaluate import evaluate  # noqa: F401  (a fixture: runs tools/evaluate.py, returns its JSON or stderr)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def evaluate(tool):
-    main = tool("evaluate")
-
-    def run(*args, expect: int = 0):
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            status = main([str(a) for a in args])
-        assert status == expect, err.getvalue()[-3000:]
-        return json.loads(out.getvalue().splitlines()[-1]) if status == 0 else err.getvalue()
-
-    return run
 
 
 @pytest.fixture(scope="module")

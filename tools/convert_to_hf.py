@@ -46,7 +46,8 @@ def check_output(args) -> None:
     out = Path(args.output)
     for given, what in ((args.checkpoint, "the checkpoint"), (args.tokenizer, "the tokenizer")):
         if given and overlaps(out, given):
-            raise ValueError(f"--output {out} is, holds or lies inside {what} it reads ({given}); choose another folder")
+            raise ValueError(f"--output {out} is, holds or lies inside {what} it reads ({given}); choose another "
+                             "folder")
     if out.is_dir() and ((out / "latest").exists() or any(out.glob("iter_*")) or (out / "meta.json").exists()):
         raise ValueError(f"--output {out} holds a megatron_jp checkpoint; a Hugging Face export never goes there")
     if holds_files(out) and not args.overwrite:

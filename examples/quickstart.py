@@ -2,6 +2,7 @@
 """Quickstart: pretrain a tiny Japanese encoder on the bundled sample corpus, end to end, on a CPU.
 
     python examples/quickstart.py [--workdir runs/quickstart] [--steps N] [--section.key VALUE ...]
+    python examples/quickstart.py --update-readme [--workdir runs/quickstart]
 
 1. train a SentencePiece tokenizer on the training documents (every 10th document is held out);
 2. preprocess both parts into Megatron shards with word boundaries (for whole word masking);
@@ -14,7 +15,8 @@
 
 --steps N shortens the run (warmup and validation interval scale with it); any `--section.key
 VALUE` goes to the trainer. The work directory is the quickstart's own: its data/, tokenizer/,
-init/, run/, hf/ and eval/ folders and summary.json are replaced on every run.
+init/, run/, hf/ and eval/ folders and summary.json are replaced on every run. --update-readme
+rewrites the README's summary block from the summary.json of a full run (nothing is rerun).
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class Results:
 
     seconds: dict = field(default_factory=dict)
     facts: dict = field(default_factory=dict)
+    summary_lines: list = field(default_factory=list)  # the printed summary, for summary.json and the README
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -327,8 +330,16 @@ def plot_loss_curve(paths: Paths, facts: dict):
     print(f"   {relative(facts['png'])}")
 
 
+PASS_THROUGH = """Any other option of the form --section.key VALUE goes to the trainer (python -m megatron_jp.train),
+e.g. --optim.lr 1e-3 --data.mask_prob 0.15; `python -m megatron_jp.train --help-config` lists the keys."""
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False, epilog=PASS_THROUGH,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--update-readme", action="store_true",
+                        help="rewrite README.md's summary block from WORKDIR/summary.json of a full run with the "
+                             "default --workdir and --steps (the README shows those paths), and exit")
     parser.add_argument("--workdir", type=Path, default=Path("runs/quickstart"),
                         help="where data, tokenizer, run and export go (relative to the repository root)")
     parser.add_argument("--steps", type=int, default=None, help="train.steps (default: the YAML's)")
@@ -363,6 +374,8 @@ def main(argv=None) -> int:
     args, extra = parse_args(argv)
     start = time.perf_counter()
     paths = Paths(args.workdir if args.workdir.is_absolute() else ROOT / args.workdir)
+    if args.update_readme:
+        return update_readme(paths.workdir / "summary.json")
     overrides = trainer_overrides(paths, args.steps, extra)
     try:
         cfg = load_config(str(CONFIG), overrides)  # a bad --section.key fails now, not after minutes
@@ -421,9 +434,28 @@ def print_summary(cfg, paths: Paths, results: Results, total_seconds: float):
         ("loss curve", relative(f["png"])),
         ("wall time", f"{total_seconds:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in s.items()) + ")"),
     ]
-    print("\n== summary")
-    for name, value in rows:
-        print(f"   {name:<18} {value}")
+    results.summary_lines = ["== summary", *(f"   {name:<18} {value}" for name, value in rows)]
+    print("\n" + "\n".join(results.summary_lines))
+
+
+def readme_block(readme: str) -> tuple[int, int]:
+    """(start, end) offsets of the lines between the fence that opens with `== summary` and its end."""
+    start = readme.index("```\n== summary\n") + 4
+    return start, readme.index("```", start)
+
+
+def update_readme(summary_json: Path) -> int:
+    """Replace the README's summary block with the lines of a run's summary.json."""
+    try:
+        lines = json.loads(summary_json.read_text(encoding="utf-8"))["summary_lines"]
+    except (OSError, ValueError, KeyError) as e:
+        sys.exit(f"quickstart: {summary_json}: no summary of a finished run ({e}); run the quickstart first")
+    readme_path = ROOT / "README.md"
+    readme = readme_path.read_text(encoding="utf-8")
+    start, end = readme_block(readme)
+    write_text(readme_path, readme[:start] + "\n".join(lines) + "\n" + readme[end:])
+    print(f"{relative(readme_path)}: summary block rewritten from {summary_json}")
+    return 0
 
 
 def write_summary_json(paths: Paths, results: Results, total_seconds: float):
@@ -437,7 +469,8 @@ def write_summary_json(paths: Paths, results: Results, total_seconds: float):
                "sts_spearman_before": f["before"]["sts_spearman"],
                "sts_spearman_after": f["after"]["sts_spearman"], "eval": str(paths.eval),
                "logit_gap": f["logit_gap"], "hf": str(paths.hf), "checkpoint": str(paths.checkpoint),
-               "png": str(f["png"]), "seconds": {**results.seconds, "total": total_seconds}}
+               "png": str(f["png"]), "seconds": {**results.seconds, "total": total_seconds},
+               "summary_lines": results.summary_lines}
     write_text(paths.workdir / "summary.json", json.dumps(summary, indent=2) + "\n")  # temporary name, renamed
 
 

@@ -22,6 +22,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import os
 import textwrap
 import typing
 from dataclasses import dataclass, field
@@ -33,7 +34,8 @@ import yaml
 # the field types: the sections' annotations below are resolved in this module's namespace
 from megatron_jp.config_fields import (GLU_ACTIVATIONS, Beta, Checked, ConfigError, NonNegative,  # noqa: F401
                                        NonNegativeFloat, OpenUnit, Positive, PositiveFloat, Probability,
-                                       RampUp, Range, SeqLength, Stages, check_fields, coerce, section_fields)
+                                       RampUp, Range, Seed, SeqLength, Stages, check_fields, coerce,
+                                       section_fields)
 from megatron_jp.models.config import ModelConfig, preset_fields
 from megatron_jp.precision import FP8_MULTIPLE, fp8_shape_problems
 
@@ -100,7 +102,7 @@ class TrainConfig(Checked):
     """Sequences per optimizer step over all data-parallel ranks."""
     micro_batch_size: Positive = 4
     """Sequences per forward pass on one rank; the rest is gradient accumulation."""
-    seed: NonNegative = 1234
+    seed: Seed = 1234
     """Seeds initialisation, masking and data order."""
     precision: Literal["fp32", "bf16", "fp8"] = "fp32"
     """fp32; bf16 (bf16 weights/activations, fp32 master weights and gradient accumulation); or fp8
@@ -209,6 +211,11 @@ class CheckpointConfig(Checked):
     """With load: restart the step count (learning-rate schedule, curricula) and the data position at 0."""
     async_save: bool = False
     """Write checkpoints in the background while training goes on (published when complete)."""
+    allow_changes: str = ""
+    """Comma-separated model keys (and/or `tokenizer`) that may differ from the checkpoint's when
+    resuming or starting a phase, e.g. "activation,norm" (experts: the loaded weights were trained for
+    the checkpoint's). A phase (checkpoint.load) may always change rope_theta, local_rope_theta,
+    max_position_embeddings, sliding_window and the dropouts; a resume of the same run nothing."""
 
 
 @dataclass
@@ -280,25 +287,27 @@ def _unknown_key(key: str, valid, source: str) -> ConfigError:
     return ConfigError(f"{source}: unknown key {key!r}{hint}")
 
 
-def _build_section(cls, values: dict, section: str, source: str):
+def _build_section(cls, values: dict, section: str, source: str, origins: dict[str, str]):
     fields = section_fields(cls)
     kwargs = {}
     for key, value in values.items():
+        where = origins.get(f"{section}.{key}", source)
         if key not in fields:
-            raise _unknown_key(f"{section}.{key}", [f"{section}.{k}" for k in fields], source)
+            raise _unknown_key(f"{section}.{key}", [f"{section}.{k}" for k in fields], where)
         try:
             kwargs[key] = coerce(value, fields[key], f"{section}.{key}")
         except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
+            raise ConfigError(f"{where}: {e}") from None
     try:
         return cls(**kwargs)  # checks the fields together where the section does (ModelConfig)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
 
 
-def config_from_dict(raw: dict, source: str = "config") -> Config:
+def config_from_dict(raw: dict, source: str = "config", origins: dict[str, str] | None = None) -> Config:
     """Build a Config from nested dicts (as parsed from YAML), applying the model preset; every field
-    is checked on its own (types, choices, ranges)."""
+    is checked on its own (types, choices, ranges). `origins`: "section.key" -> where its value came
+    from, when not `source` (the command line's overrides of a YAML file)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
     sections = {}
@@ -310,8 +319,9 @@ def config_from_dict(raw: dict, source: str = "config") -> Config:
         sections[name] = dict(values)
     model = sections.get("model", {})
     if model.get("preset"):
-        sections["model"] = {**preset_fields(str(model["preset"]), source), **model}
-    built = {name: _build_section(_section_class(name), sections.get(name, {}), name, source)
+        sections["model"] = {**preset_fields(str(model["preset"]), (origins or {}).get("model.preset", source)),
+                             **model}
+    built = {name: _build_section(_section_class(name), sections.get(name, {}), name, source, origins or {})
              for name in SECTIONS}
     return Config(**built)
 
@@ -333,31 +343,63 @@ def parse_overrides(args: list[str]) -> dict:
             dotted, value = arg[2:], args[i + 1]
             i += 2
         section, _, key = dotted.partition(".")
+        if key in nested.get(section, {}):
+            raise ConfigError(f"command line: --{dotted} is given twice ({nested[section][key]!r} and {value!r}); "
+                              "keep one")
         nested.setdefault(section, {})[key] = value
     return nested
 
 
-def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML file (safe_load) and apply command-line overrides. Each field is checked on its
-    own; `validate` checks them together once the world size and vocabulary are known."""
-    raw: dict = {}
-    source = "command line"
-    if path:
-        source = str(path)
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (at any depth): YAML keeps the last
+    silently, so `lr: 3.0e-3` and, further down, `lr: 300.0` would train with 300."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"{self.name}: key {key!r} is given twice in one mapping, at lines {seen[key]} "
+                                  f"and {line}; keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """The sections of a YAML config file; every problem is a ConfigError naming the file."""
+    try:
+        loader = _UniqueKeyLoader(Path(path).read_text(encoding="utf-8"))
+        loader.name = str(path)
         try:
-            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, ...)")
+            raw = loader.get_single_data() or {}
+        finally:
+            loader.dispose()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--config {path} is a folder; give a YAML file (e.g. examples/quickstart.yaml)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} cannot be read ({e})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, ...)")
+    return raw
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (refusing duplicated keys) and apply command-line overrides. Each field is
+    checked on its own, an error naming where its value came from (the file or the command line);
+    `validate` checks them together once the world size and vocabulary are known."""
+    raw: dict = read_yaml(path) if path else {}
+    origins: dict[str, str] = {}
     for section, values in parse_overrides(overrides or []).items():
         if section in raw and not isinstance(raw[section], dict):
-            raise ConfigError(f"{source}: section {section!r} must be a mapping")
-        raw.setdefault(section, {})
-        raw[section] = {**(raw[section] or {}), **values}
-    return config_from_dict(raw, source)
+            raise ConfigError(f"{path}: section {section!r} must be a mapping")
+        raw[section] = {**(raw.get(section) or {}), **values}
+        origins.update({f"{section}.{key}": "command line" for key in values})
+    return config_from_dict(raw, str(path) if path else "command line", origins)
 
 
 def to_yaml(cfg: Config) -> str:
@@ -378,9 +420,34 @@ def validate(cfg: Config, world_size: int):
         check_fields(getattr(cfg, name), name)
     p = cfg.parallel
     _check(p.virtual_pipeline == 1 or p.pipeline > 1, "parallel.virtual_pipeline > 1 needs parallel.pipeline > 1")
+    validate_scale(cfg)
     validate_model(cfg.model, p.tensor, p.pipeline * p.virtual_pipeline)
     validate_training(cfg)
     validate_layout(cfg, world_size)
+
+
+NODE_GPUS = 8  # the largest node the presets are planned for (8 x H100)
+SCALE_MARGIN = 10  # refuse only what is absurd: 10 such nodes' memory for the fp32 weights alone
+
+
+def rough_parameters(m: ModelConfig) -> int:
+    """An upper-bound estimate of the parameter count from the fields alone (no model is built: a
+    billion layers must be refused, not constructed): embeddings and head, attention and FFN per layer."""
+    attention = 2 * m.hidden_size * m.head_dim * (m.num_heads + m.num_kv_heads)
+    layer = attention + 3 * m.hidden_size * m.ffn_hidden_size + 4 * m.hidden_size
+    vocab = max(m.vocab_size, 1) + m.max_position_embeddings + m.type_vocab_size
+    return 2 * vocab * m.hidden_size + m.num_layers * layer
+
+
+def validate_scale(cfg: Config):
+    """Refuse a model whose fp32 weights alone exceed SCALE_MARGIN nodes' memory before anything is
+    built from it: such numbers are typos (1e12 for 1e3), and building them hangs or overflows deep."""
+    limit = SCALE_MARGIN * NODE_GPUS * cfg.train.device_memory_gb * 1e9
+    need = 4 * rough_parameters(cfg.model)
+    _check(need <= limit, f"model: about {need / 1e12:,.0f} TB of fp32 weights alone (hidden_size "
+                          f"{cfg.model.hidden_size}, num_layers {cfg.model.num_layers}, ffn_hidden_size "
+                          f"{cfg.model.ffn_hidden_size}), more than {SCALE_MARGIN} nodes of {NODE_GPUS} x "
+                          f"{cfg.train.device_memory_gb:g} GB hold: check these keys for a typo")
 
 
 def validate_model(m: ModelConfig, tensor: int = 1, chunks: int = 1):

@@ -33,6 +33,7 @@ class Range:
     high: float | None = None
     low_open: bool = False
     high_open: bool = False
+    why: str = ""  # the reason for the bound, shown with it
 
     def contains(self, value) -> bool:
         if isinstance(value, float) and not math.isfinite(value):
@@ -42,14 +43,19 @@ class Range:
         return self.high is None or (value < self.high if self.high_open else value <= self.high)
 
     def __str__(self) -> str:
+        why = f" ({self.why})" if self.why else ""
         if self.high is None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
-        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            return f"{'>' if self.low_open else '>='} {self.low:g}{why}"
+        high = f"{self.high:,}" if isinstance(self.high, int) else f"{self.high:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {high}{')' if self.high_open else ']'}{why}"
 
 
-Positive = Annotated[int, Range(1)]
-NonNegative = Annotated[int, Range(0)]
-SeqLength = Annotated[int, Range(8)]
+INT_LIMIT = 2**53  # integers above it lose precision in float arithmetic and in JSON readers
+_BIG = "beyond 2**53 integers lose precision in float arithmetic and JSON; no count of a run comes near it"
+Positive = Annotated[int, Range(1, INT_LIMIT, why=_BIG)]
+NonNegative = Annotated[int, Range(0, INT_LIMIT, why=_BIG)]
+SeqLength = Annotated[int, Range(8, 1 << 20, why="a million tokens per row: far beyond any encoder's context")]
+Seed = Annotated[int, Range(0, 2**63 - 2**32, why="torch and numpy take 64-bit seeds; per-rank offsets are added")]
 PositiveFloat = Annotated[float, Range(0, low_open=True)]
 NonNegativeFloat = Annotated[float, Range(0)]
 Probability = Annotated[float, Range(0, 1)]

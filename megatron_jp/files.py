@@ -68,6 +68,23 @@ def describe_os_error(error: BaseException) -> str | None:
     return f"{_MEANINGS[found.errno]}{where}"
 
 
+def inside(inner: str | os.PathLike, outer: str | os.PathLike) -> bool:
+    """Whether `inner` is `outer` or lies inside it (after links are resolved)."""
+    inner, outer = Path(os.path.realpath(inner)), Path(os.path.realpath(outer))
+    return inner == outer or outer in inner.parents
+
+
+def overlaps(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths are the same or one lies inside the other: replacing one touches the other."""
+    return inside(a, b) or inside(b, a)
+
+
+def holds_files(path: str | os.PathLike) -> bool:
+    """An existing file, or a folder with anything in it."""
+    path = Path(path)
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
 def remove_quietly(path: str | os.PathLike):
     """Delete a file or folder if it exists; never raises (cleanup after an error must not hide it;
     deleting needs no free space)."""
@@ -145,12 +162,17 @@ def scratch_dir(beside: str | os.PathLike):
         remove_quietly(tmp)
 
 
+def umask_permissions(tmp: Path):
+    """Whatever a library created in `tmp` gets the umask's permissions (some write 0600 files)."""
+    for f in tmp.rglob("*"):
+        chmod_as_created(f, folder=f.is_dir())
+
+
 def move_into(tmp: Path, path: Path):
     """A complete `tmp` folder becomes `path`; into an existing `path` its files move one rename each
     (files of `path` that `tmp` does not hold, e.g. a README, stay). Whatever a library created in
     `tmp` gets the umask's permissions (some write 0600 files)."""
-    for f in tmp.rglob("*"):
-        chmod_as_created(f, folder=f.is_dir())
+    umask_permissions(tmp)
     if not path.is_dir():
         os.replace(tmp, path)
         return
@@ -168,6 +190,7 @@ def output_dir(path: str | os.PathLike, replace: bool = True):
     tmp = _temporary_name(path, folder=True)
     try:
         yield tmp
+        umask_permissions(tmp)
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old.tmp")

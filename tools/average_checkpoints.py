@@ -19,6 +19,7 @@ import argparse
 import math
 import sys
 
+from megatron_jp.files import inside
 from megatron_jp.training.checkpoint import (CheckpointError, load_model_state, non_finite_names, read_meta,
                                              resolve_checkpoint, save_model_checkpoint)
 
@@ -78,6 +79,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         weights = check_weights(args.weights, len(args.checkpoints))
+        for path in args.checkpoints:  # writing inside an iteration folder would change what it holds
+            if inside(args.output, resolve_checkpoint(path)):
+                raise ValueError(f"--output {args.output} lies inside the checkpoint it reads ({path}); name a "
+                                 "checkpoint directory of its own")
         cfg, state = average(args.checkpoints, weights)
         step = newest_step(args.checkpoints) if args.iteration is None else args.iteration
         bad = non_finite_names(state)

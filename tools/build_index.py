@@ -7,7 +7,7 @@ validation parts, for data.seq_length and every data.seq_length_stages length, a
 checks every shard's provenance sidecar against the tokenizer; prints the per-source table the
 training prints at start. The keys are those training computes from the same config, so the job
 maps them without building. --verify also checks the full checksum of every entry (reads all of it).
-Exit status 1 with the reason on bad input.
+Exit status 2 with one `error:` line on bad input; 1 when --verify finds a damaged entry.
 """
 
 import argparse
@@ -56,9 +56,9 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, overrides)
         validate(cfg, world_size_from_env(cfg))
         train, valid, batch = build(cfg)
-    except (ConfigError, ValueError, OSError) as err:
+    except (ConfigError, ValueError, OSError) as err:  # bad input (a CacheError names data.cache_dir)
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2
     print(train.summary(cfg.train.steps, batch.consumed_at))
     if args.verify:
         from megatron_jp.data.index_cache import verify

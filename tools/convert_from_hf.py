@@ -7,7 +7,8 @@ e.g. to continue pretraining ModernBERT-Ja or BERT-base-japanese.
 The checkpoint is step 0 of a new run: start from it with `checkpoint.load: CKPT_DIR`. CKPT_DIR must
 not hold checkpoints yet (a run's directory is refused: its `latest` would be repointed) unless
 --iteration N adds iter_N beside them. Bad input (weights that disagree with config.json, layers beyond
-it, non-finite values) exits with status 2 and one line, before anything is written.
+it, non-finite values) exits with status 2 and one line, before anything is written. The written
+config's data.seq_length is 512, or the model's max_position_embeddings where that is smaller.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 from megatron_jp.config import Config, validate
+from megatron_jp.files import overlaps
 from megatron_jp.models.hf import import_hf
 from megatron_jp.training.checkpoint import CheckpointError, save_model_checkpoint
 
@@ -36,8 +38,13 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        if overlaps(args.output, args.hf):
+            raise ValueError(f"--output {args.output} is, holds or lies inside the Hugging Face folder it reads "
+                             f"({args.hf}); choose another folder")
         model_cfg, state = import_hf(args.hf)
         cfg = Config(model=model_cfg)
+        # the default data.seq_length (512) is no property of the model: the written config takes what it can
+        cfg.data.seq_length = min(cfg.data.seq_length, model_cfg.max_position_embeddings)
         validate(cfg, world_size=1)
     except (FileNotFoundError, ValueError) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)

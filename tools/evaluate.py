@@ -13,9 +13,11 @@
 
 M is a checkpoint directory (its `latest`), an iter_* folder or a Hugging Face folder; folders with
 custom modeling code need --trust-remote-code. Every command reads local files only, writes
-DIR/predictions.jsonl (id, prediction, gold) and DIR/result.json, and prints that result, one JSON
+DIR/predictions.jsonl (id, prediction, gold) and DIR/result.json (export-sentence-transformers: the
+folder and its result.json; leaderboard: board.md, board.json, PNGs), and prints that result, one JSON
 object {"task", "metrics", "model", "config", ...}, as its last line. Bad input stops it before any
-model is loaded, with the file and line at fault (exit status 2).
+model is loaded, with the file and line at fault (exit status 2). An --output that holds earlier
+results is refused unless --overwrite; an output that is also an input is always refused.
 """
 
 from __future__ import annotations
@@ -26,11 +28,14 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_jp.eval.records import EvalInputError, write_predictions, write_result  # noqa: E402
+from megatron_jp.eval.records import (RESULTS, EvalInputError, claim_results_folder, refuse_overlap,  # noqa: E402
+                                     write_predictions, write_result)
 from megatron_jp.eval.tasks import TASKS  # noqa: E402
+from megatron_jp.files import holds_files, inside  # noqa: E402
 
 
 def add_model(p, output_required: bool = True):
@@ -38,6 +43,11 @@ def add_model(p, output_required: bool = True):
     p.add_argument("--output", required=output_required, help="folder for predictions.jsonl and result.json")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a folder's own modeling code (auto_map)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1 ...")
+    add_overwrite(p)
+
+
+def add_overwrite(p):
+    p.add_argument("--overwrite", action="store_true", help="replace the earlier results of --output")
 
 
 def add_pooling(p, max_length: int):
@@ -109,7 +119,33 @@ def parse_args(argv=None):
                        allow_abbrev=False)
     p.add_argument("results", nargs="+", help="--output folders (or their result.json) of evaluations")
     p.add_argument("--output", required=True, help="board.md; board.json and board_*.png beside it")
+    add_overwrite(p)
     return parser.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+INPUTS = ("model", "train", "valid", "input", "pairs", "probes", "queries", "corpus", "qrels")
+
+
+def claim_outputs(args) -> None:
+    """Before any model loads: refuse outputs that are inputs, and earlier results unless --overwrite."""
+    inputs = [getattr(args, name, None) for name in INPUTS]
+    if args.command == "leaderboard":
+        from megatron_jp.eval.leaderboard import claim_board
+
+        return claim_board(args.results, args.output, args.overwrite)
+    out = Path(args.output)
+    if args.command == "export-sentence-transformers":
+        refuse_overlap(inputs, [], replaced=[out])
+        if holds_files(out) and not args.overwrite:
+            raise EvalInputError(f"--output {out} exists and is not empty: pass --overwrite to replace it (the new "
+                                 "folder is written beside it, then swapped in), or choose another folder")
+        return None
+    refuse_overlap(inputs, [out / name for name in RESULTS], replaced=[out / "sweep"])
+    if inside(out, args.model):
+        raise EvalInputError(f"--output {out} is inside the model folder {args.model}; write results elsewhere")
+    claim_results_folder(out, args.overwrite)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -119,6 +155,7 @@ def cmd_finetune(args, log):
     from megatron_jp.eval.finetune import finetune, sweep_grid
     from megatron_jp.eval.models import open_model
     from megatron_jp.eval.tasks import Hyper, read_examples, task_spec
+    from megatron_jp.files import remove_quietly
 
     spec = task_spec(args.task)
     train, valid = read_examples(spec, args.train), read_examples(spec, args.valid)
@@ -126,6 +163,8 @@ def cmd_finetune(args, log):
                batch_size=args.batch_size, warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
                max_train_examples=args.max_train_examples)
     grid = sweep_grid(hp, args.seeds or [args.seed]) if args.sweep else [hp]
+    if args.overwrite:  # the earlier sweep's runs would mix with this one's
+        remove_quietly(Path(args.output) / "sweep")
     with open_model(args.model, args.trust_remote_code, args.device) as model:
         return finetune(model, spec, train, valid, grid, args.output, public_info(model), log)
 
@@ -181,8 +220,10 @@ def cmd_export(args, log):
 
     with open_model(args.model, args.trust_remote_code, args.device) as model:
         out = export_sentence_transformers(model, args.output, args.pooling, args.max_seq_length)
-        return {"task": "export-sentence-transformers", "metrics": {"max_difference": out["max_difference"]},
-                "model": model.source, "model_info": public_info(model), "config": out}
+        result = {"task": "export-sentence-transformers", "metrics": {"max_difference": out["max_difference"]},
+                  "model": model.source, "model_info": public_info(model), "config": out}
+        write_result(args.output, result)
+        return result
 
 
 def cmd_leaderboard(args, log):
@@ -215,6 +256,7 @@ def main(argv=None) -> int:
 
     begin = time.perf_counter()
     try:
+        claim_outputs(args)
         result = COMMANDS[args.command](args, log)
     except EvalInputError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -77,13 +77,22 @@ def plot(records: list[dict], output: Path):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("run_dir", type=Path)
-    p.add_argument("--output", type=Path, default=None)
+    p.add_argument("--output", type=Path, default=None,
+                   help="image to write (default RUN_DIR/metrics.png, replaced on every run); an existing file "
+                        "given here is replaced only with --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     args = p.parse_args(argv)
     path = args.run_dir / "metrics.jsonl"
     if not path.exists():
         print(f"error: {path} does not exist", file=sys.stderr)
         return 2
     output = args.output or args.run_dir / "metrics.png"
+    if output.exists() and os.path.samefile(output, path):
+        print(f"error: --output {output} is the metrics file it reads; write the image elsewhere", file=sys.stderr)
+        return 2
+    if args.output is not None and output.exists() and not args.overwrite:
+        print(f"error: {output} exists: pass --overwrite to replace it, or choose another --output", file=sys.stderr)
+        return 2
     try:
         records = read_metrics(path)
         plot(records, output)

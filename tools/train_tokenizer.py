@@ -8,7 +8,8 @@ llm-jp / sarashina: byte fallback (no unknown characters), digits split one by o
 prefix, whitespace kept as written. Special tokens: [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4.
 Input files are plain text, one sentence or paragraph per line (a JSONL corpus: pass --json-key).
 Bad input exits with status 2 and one line naming it; outputs are written under temporary names and
-renamed when complete.
+renamed when complete. Existing outputs are refused unless --overwrite (then PREFIX-hf/ is replaced
+whole), and an output that is also an input is refused always.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_jp.data.tokenizers import SentencePieceTokenizer, TokenizerError, save_hf_tokenizer  # noqa: E402
-from megatron_jp.files import chmod_as_created, describe_os_error, remove_quietly  # noqa: E402
+from megatron_jp.data.tokenizers import (SentencePieceTokenizer, TokenizerError, save_hf_tokenizer)  # noqa: E402
+from megatron_jp.files import (chmod_as_created, describe_os_error, holds_files, inside, remove_quietly)  # noqa: E402
 
 MIN_VOCAB = 5 + 256 + 1  # the five specials, the 256 byte-fallback pieces, at least one piece of text
 
@@ -47,6 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--max-sentence-length", type=int, default=16384, help="longer lines are skipped (bytes)")
     p.add_argument("--num-threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--seed", type=int, default=1234, help="seed of the sentence sampling")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.model, .vocab and -hf/")
     args = p.parse_args(argv)
     if args.vocab_size < MIN_VOCAB:
         p.error(f"--vocab-size must be at least {MIN_VOCAB} (5 specials + 256 byte pieces + text), got {args.vocab_size}")
@@ -128,16 +130,30 @@ def train_atomically(args) -> str:
     return final + ".model"
 
 
+def check_outputs(args) -> None:
+    """Refuse outputs that are inputs, and (without --overwrite) outputs that exist."""
+    prefix = args.model_prefix
+    outputs = [prefix + ".model", prefix + ".vocab", prefix + "-hf"]
+    for path in args.input:
+        if any(inside(path, out) for out in outputs):
+            raise InputError(f"--model-prefix {prefix} would write over the input {path}; choose another prefix")
+    existing = [out for out in outputs if holds_files(out)]
+    if existing and not args.overwrite:
+        raise InputError(f"{existing[0]} exists: pass --overwrite to replace the tokenizer, or choose another "
+                         "--model-prefix")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        check_outputs(args)
         check_inputs(args.input)
         model = train_atomically(args)
         tok = SentencePieceTokenizer(model)
         if tok.vocab_size < args.vocab_size:
             print(f"warning: the corpus supports only {tok.vocab_size} pieces (< --vocab-size {args.vocab_size})",
                   file=sys.stderr)
-        hf_dir = save_hf_tokenizer(tok, args.model_prefix + "-hf")
+        hf_dir = save_hf_tokenizer(tok, args.model_prefix + "-hf", replace=True)
     except (InputError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

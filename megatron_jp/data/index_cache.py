@@ -6,7 +6,7 @@
 
 An entry is a folder `{kind}-{digest}/` holding one raw little-endian file per array and a
 `manifest.json`; `digest` is a hash of `key`, a JSON-able dict of everything the arrays depend on
-(shard sizes and mtimes, config values, FORMAT_VERSION), and the manifest repeats the full key, so
+(shard sizes, mtimes, inodes and ctimes, config values, FORMAT_VERSION), and the manifest repeats the full key, so
 a changed input gives another folder and a hash collision is caught.
 
 Building: under an exclusive `flock` on `{kind}-{digest}.lock` (so one process per node, or per job
@@ -41,6 +41,7 @@ import numpy as np
 FORMAT_VERSION = 1
 _ENDS = 1 << 16  # bytes at each end of an array covered by the start-up checksum
 _BLOCK = 1 << 24
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # the folder cannot take the entry: say which key moves it
 
 
 class CacheError(OSError):
@@ -201,6 +202,13 @@ class IndexCache:
                 os.rename(final, stale)
                 shutil.rmtree(stale, ignore_errors=True)
             _publish(tmp, final)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if err.errno not in _NO_ROOM:
+                raise
+            raise CacheError(f"index cache folder {self.root}: {err.strerror} while building {final}; free space "
+                             "there, or set data.cache_dir to a folder with room (tools/build_index.py can build "
+                             "it ahead)") from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -53,11 +53,13 @@ def document_order(n_docs: int, seed: int, stream: int) -> np.ndarray:
 
 
 def shard_identity(prefix: str) -> dict:
-    """What a cached index of this shard depends on: its real path and the sizes and mtimes of its files."""
+    """What a cached index of this shard depends on: its real path and, per file, size, mtime, inode and
+    ctime. Size and mtime alone can be kept by a rewrite (`os.utime` restores an mtime); a rewrite in
+    place changes the ctime, which no call can set back, and a rewrite by rename gives a new inode."""
     files = {}
     for name, path in (("idx", indexed.idx_path(prefix)), ("bin", indexed.bin_path(prefix))):
         st = os.stat(path)
-        files[name] = [st.st_size, st.st_mtime_ns]
+        files[name] = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
     return {"prefix": os.path.realpath(prefix), **files}
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_jp.data import hf_export
-from megatron_jp.files import move_into, scratch_dir
+from megatron_jp.files import move_into, output_dir, scratch_dir
 
 try:  # built by setup.py from csrc/helpers/*.cpp; absent in a plain source checkout
     from megatron_jp import _helpers
@@ -310,8 +310,9 @@ def _as_tokenizer(tokenizer_or_path) -> Tokenizer:
     return SentencePieceTokenizer(path)
 
 
-def save_hf_tokenizer(tokenizer_or_path, out_dir: str) -> str:
-    """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json into out_dir.
+def save_hf_tokenizer(tokenizer_or_path, out_dir: str, replace: bool = False) -> str:
+    """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json into out_dir (`replace`:
+    an existing out_dir is swapped out whole, else its other files stay, e.g. a model's weights).
 
     Accepts a Tokenizer, a `.model` path, a tokenizer folder / tokenizer.json, or "ByteTokenizer".
     The folder loads with `AutoTokenizer.from_pretrained(out_dir)` and encodes as the source does.
@@ -326,7 +327,8 @@ def save_hf_tokenizer(tokenizer_or_path, out_dir: str) -> str:
         from tokenizers import Tokenizer as HFTokenizer
 
         hf = HFTokenizer.from_str(tok.hf.to_str())
-    with scratch_dir(out_dir) as tmp:  # a full disk leaves no half-written tokenizer.json behind
+    with (output_dir(out_dir) if replace else scratch_dir(out_dir)) as tmp:  # a full disk: nothing half-written
         hf_export.write_folder(hf_export.finish_hf(hf, specials), specials, str(tmp))
-        move_into(tmp, Path(out_dir))
+        if not replace:
+            move_into(tmp, Path(out_dir))
     return out_dir

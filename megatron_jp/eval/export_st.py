@@ -9,13 +9,12 @@ use: the two agree to float32 rounding, so scores of the folder and of those com
 from __future__ import annotations
 
 import inspect
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from megatron_jp.eval.embed import embed_texts
+from megatron_jp.files import output_dir
 from megatron_jp.eval.models import quiet_transformers
 from megatron_jp.eval.records import EvalInputError
 
@@ -48,24 +47,18 @@ def _transformer(Transformer, folder: Path, max_seq_length: int, trust_remote_co
 
 
 def export_sentence_transformers(loaded, output: str | Path, pooling: str, max_seq_length: int) -> dict:
+    """Build the folder beside `output`, then swap it in (an earlier folder is replaced whole, never
+    mixed with the new files; tools/evaluate.py asked for --overwrite before)."""
     output = Path(output)
-    if output.exists():
-        raise EvalInputError(f"{output} already exists; choose another --output or remove it first")
     if loaded.encoder is not None and not loaded.native:
         raise EvalInputError(f"{loaded.source}: no transformers class fits this architecture; export it with "
                              f"tools/convert_to_hf.py and pass that folder with --trust-remote-code")
     SentenceTransformer, Transformer, Pooling = _st_modules()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with output_dir(output) as tmp:
         with quiet_transformers():  # BertModel's pooler is new (and unused by the pooling module)
             transformer = _transformer(Transformer, loaded.hf_folder(), max_seq_length, loaded.trust_remote_code)
             pooling_module = Pooling(loaded.hidden_size, pooling_mode=pooling)
             SentenceTransformer(modules=[transformer, pooling_module], device="cpu").save(str(tmp))
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"output": str(output), "pooling": pooling, "max_seq_length": max_seq_length,
             "max_difference": check_export(loaded, output, pooling, max_seq_length)}
 

@@ -26,7 +26,7 @@ import torch
 from megatron_jp.data.masking import select_units
 from megatron_jp.data.segment import build_segmenter, word_start_flags
 from megatron_jp.eval.records import EvalInputError, read_jsonl, record_id, text_field
-from megatron_jp.eval.pseudo_perplexity import (SpecialIds, document_ids, document_log_likelihood,
+from megatron_jp.eval.pseudo_perplexity import (SpecialIds, Ticker, document_ids, document_log_likelihood,
                                                     encoder_scorer, hf_scorer)
 
 MASK_PROB = 0.15
@@ -175,15 +175,18 @@ def scorer_for(mlm, device):
 
 
 def pseudo_perplexity(mlm, tokenizer, docs: list[tuple[str, str]], device, max_length: int,
-                      batch_size: int = 32) -> tuple[dict, list]:
+                      batch_size: int = 32, every_s: float = 10.0) -> tuple[dict, list]:
     """PPPL as tools/pseudo_perplexity.py computes it, with one row per document (its log-likelihood)."""
     scorer, special = scorer_for(mlm, device), special_ids(tokenizer)
-    rows = []
-    for doc_id, text in docs:
+    rows, scored = [], 0
+    tick = Ticker("intrinsic: pseudo-perplexity", len(docs), every_s)
+    for done, (doc_id, text) in enumerate(docs, 1):
         ids = document_ids(tokenizer(text, add_special_tokens=False)["input_ids"], special, max_length)
         if len(ids) > 2:
             ll, n = document_log_likelihood(ids, special, scorer, batch_size)
             rows.append({"id": f"pppl:{doc_id}", "kind": "pppl", "log_likelihood": ll, "tokens": n})
+            scored += n
+            tick(done, scored)
     tokens = sum(r["tokens"] for r in rows)
     if tokens == 0:
         raise EvalInputError("no token to score for pseudo-perplexity: every document was empty")

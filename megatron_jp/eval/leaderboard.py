@@ -5,8 +5,9 @@ checkpoints of one run.
       -> board.md (markdown), board.json (the same table), board_<task>_<metric>.png for every metric of
          every run with two or more evaluated checkpoints (one line per run).
 
-A row is a model (the path given to the evaluation); a column is task/metric. When a model has
-several results for one task the last one given wins.
+A row is a model (the path given to the evaluation); a column is task/metric. Only scores are
+columns: counts (documents, pairs, the corpus size...) are integers and are left out. Two results for
+the same model and task are refused, naming both files (which one is meant cannot be guessed).
 """
 
 from __future__ import annotations
@@ -15,15 +16,34 @@ import json
 import re
 from pathlib import Path
 
-from megatron_jp.eval.records import EvalInputError, read_json, write_atomically
+from megatron_jp.eval.records import EvalInputError, read_json, refuse_overlap, write_atomically
 
 SKIPPED = {"documents", "masked_words", "masked_tokens", "pppl_tokens", "pppl_documents", "sentences",
-           "positive_pairs", "queries", "fill_mask_probes", "pairs"}  # counts, not scores
+           "positive_pairs", "queries", "fill_mask_probes", "pairs", "corpus"}  # counts, not scores
+
+
+def result_file(path: str) -> Path:
+    p = Path(path)
+    return p / "result.json" if p.is_dir() else p
+
+
+def board_files(output: str) -> list[Path]:
+    out = Path(output)
+    return [out, out.with_suffix(".json"), *sorted(out.parent.glob(f"{out.stem}_*.png"))]
+
+
+def claim_board(inputs: list[str], output: str, overwrite: bool) -> None:
+    """Refuse a board written over one of its inputs, and an earlier board unless `overwrite`."""
+    out = Path(output)
+    refuse_overlap([*inputs, *map(result_file, inputs)], [out, out.with_suffix(".json")])
+    earlier = [str(p) for p in board_files(output) if p.exists()]
+    if earlier and not overwrite:
+        raise EvalInputError(f"{', '.join(earlier)} exist from an earlier leaderboard: pass --overwrite to replace "
+                             "them, or choose another --output")
 
 
 def read_result(path: str) -> dict:
-    p = Path(path)
-    p = p / "result.json" if p.is_dir() else p
+    p = result_file(path)
     result = read_json(p, "an evaluation result", "no result.json (pass an evaluation's --output folder or its "
                                                   "result.json)")
     if not isinstance(result, dict) or not isinstance(result.get("metrics"), dict) or "task" not in result:
@@ -34,11 +54,22 @@ def read_result(path: str) -> dict:
 
 def scores(result: dict) -> dict[str, float]:
     return {f"{result['task']}/{k}": float(v) for k, v in result["metrics"].items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in SKIPPED}
+            if isinstance(v, float) and k not in SKIPPED}
+
+
+def refuse_duplicates(results: list[dict]) -> None:
+    first: dict[tuple[str, str], str] = {}
+    for r in results:
+        key = (model_name(r), str(r["task"]))
+        if key in first:
+            raise EvalInputError(f"{first[key]} and {r['_file']} both hold {key[1]} results of {key[0]}: pass only "
+                                 "the one the board should show")
+        first[key] = r["_file"]
 
 
 def table(results: list[dict]) -> tuple[list[str], dict[str, dict[str, float]]]:
     """(columns, {model: {column: value}})."""
+    refuse_duplicates(results)
     rows: dict[str, dict[str, float]] = {}
     columns: list[str] = []
     for r in results:

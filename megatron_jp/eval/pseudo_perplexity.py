@@ -8,6 +8,8 @@ One forward pass scores one masked copy; copies are batched.
 from __future__ import annotations
 
 import math
+import sys
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,6 +24,20 @@ class SpecialIds:
     cls: int
     sep: int
     mask: int
+
+
+class Ticker:
+    """One line on stderr at most every `every_s` seconds (and none for inputs done sooner): scoring
+    one forward pass per token takes minutes on long inputs, which must show that they move."""
+
+    def __init__(self, what: str, total: int, every_s: float = 10.0):
+        self.what, self.total, self.every_s = what, total, every_s
+        self.last = time.monotonic()
+
+    def __call__(self, done: int, tokens: int):
+        if time.monotonic() - self.last >= self.every_s:
+            self.last = time.monotonic()
+            print(f"{self.what}: {done}/{self.total} documents, {tokens:,} tokens scored", file=sys.stderr, flush=True)
 
 
 def document_ids(tokens: list[int], special: SpecialIds, max_length: int) -> list[int]:
@@ -44,14 +60,16 @@ def document_log_likelihood(ids: list[int], special: SpecialIds, scorer: Scorer,
 
 
 def pseudo_perplexity(documents: list[list[int]], special: SpecialIds, scorer: Scorer, max_length: int,
-                      batch_size: int = 32) -> dict:
+                      batch_size: int = 32, every_s: float = 10.0) -> dict:
     log_likelihood, tokens = 0.0, 0
-    for doc in documents:
+    tick = Ticker("pseudo-perplexity", len(documents), every_s)
+    for done, doc in enumerate(documents, 1):
         ids = document_ids(doc, special, max_length)
         if len(ids) <= 2:
             continue  # an empty document has no token to score
         ll, n = document_log_likelihood(ids, special, scorer, batch_size)
         log_likelihood, tokens = log_likelihood + ll, tokens + n
+        tick(done, tokens)
     if tokens == 0:
         raise ValueError("no token to score: every document was empty")
     mean_nll = -log_likelihood / tokens

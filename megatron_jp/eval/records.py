@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from megatron_jp.files import overlaps
+
 
 class EvalInputError(ValueError):
     """An input file the evaluation cannot use; the message says where and what was expected."""
@@ -134,3 +136,31 @@ def write_result(out_dir: str | os.PathLike, result: dict) -> Path:
 
 def read_predictions(path: str | os.PathLike) -> list[dict]:
     return [record for _, record in read_jsonl(path)]
+
+
+# ----------------------------------------------------------------------------- claiming an output
+
+RESULTS = ("result.json", "predictions.jsonl", "sweep")  # what an evaluation writes in its --output
+
+
+def refuse_overlap(inputs: Iterable, written: Iterable, replaced: Iterable = ()) -> None:
+    """Refuse to write over what the command reads: an input that is one of the `written` files, or
+    that lies in (or holds) a `replaced` folder; `inputs` may hold None for options not given."""
+    given = [p for p in inputs if p]
+    for out in written:
+        for path in given:
+            if os.path.realpath(out) == os.path.realpath(path):
+                raise EvalInputError(f"{out} is also an input ({path}); write the output elsewhere")
+    for folder in replaced:
+        for path in given:
+            if overlaps(path, folder):
+                raise EvalInputError(f"--output {folder} would replace or sit inside the input {path}; "
+                                     "choose another --output")
+
+
+def claim_results_folder(out_dir: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse a --output folder that holds an earlier evaluation's results, unless --overwrite."""
+    earlier = [name for name in RESULTS if (Path(out_dir) / name).exists()]
+    if earlier and not overwrite:
+        raise EvalInputError(f"--output {out_dir} holds earlier results ({', '.join(earlier)}): pass --overwrite "
+                             "to replace them, or choose another folder")

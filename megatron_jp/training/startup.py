@@ -4,6 +4,7 @@
     validate(cfg, world)                    # once per run, at this boundary
     start = starting_checkpoint(cfg)        # CKPT_DIR/latest, else checkpoint.load, else None
     resolve_vocab(cfg, start)               # model.vocab_size from the checkpoint or the tokenizer
+    check_continuation(cfg, start)          # the same model and tokenizer as the checkpoint's
 """
 
 from __future__ import annotations
@@ -14,8 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_jp.config import Config, ConfigError, check_vocab, padded_vocab_size
+from megatron_jp.data import provenance
 from megatron_jp.data.tokenizers import build_tokenizer
-from megatron_jp.training.checkpoint import find_latest, read_config, resolve_checkpoint
+from megatron_jp.training.checkpoint import find_latest, read_config, read_meta, resolve_checkpoint
+
+# Model keys a new phase (checkpoint.load) may change: context extension (RoPE bases, positions,
+# windows) and regularisation; none changes a weight's meaning.
+PHASE_KEYS = {"rope_theta", "local_rope_theta", "max_position_embeddings", "sliding_window", "hidden_dropout",
+              "attention_dropout"}
+# Never compared: names and choices of implementation, not the model (the vocabulary is compared as
+# vocab_size; the initialisation does not matter to loaded weights).
+NOT_MODEL = {"preset", "attention_backend", "init_std", "make_vocab_size_divisible_by"}
 
 
 def checkpoint_dir(cfg: Config) -> Path:
@@ -72,3 +82,40 @@ def resolve_vocab(cfg: Config, start: Start | None = None, require_tokenizer: bo
         rows = padded_vocab_size(tokenizer.vocab_size, m, cfg.parallel.tensor)
         cfg.model = m = dataclasses.replace(m, vocab_size=rows)
     check_vocab(m, tokenizer.vocab_size, d.tokenizer_model or d.tokenizer_type)
+
+
+def tokenizer_record(cfg: Config) -> dict | None:
+    """What a checkpoint records of the run's tokenizer (type, file hash, vocabulary, special ids)."""
+    d = cfg.data
+    if d.tokenizer_type != "ByteTokenizer" and not os.path.exists(d.tokenizer_model):
+        return None
+    return provenance.tokenizer_info(build_tokenizer(d.tokenizer_type, d.tokenizer_model))
+
+
+def check_continuation(cfg: Config, start: Start | None) -> None:
+    """Refuse to continue a checkpoint with another model or tokenizer than the one it was trained
+    with, naming each key and both values, unless checkpoint.allow_changes names it (a new phase
+    may change PHASE_KEYS): only tensor shapes would be compared otherwise, and a changed activation,
+    norm or tokenizer of the same vocabulary size trains on silently."""
+    if start is None:
+        return
+    allowed = {k.strip() for k in cfg.checkpoint.allow_changes.split(",") if k.strip()}
+    allowed |= set() if start.resume else PHASE_KEYS
+    saved, mine = read_config(start.path).model, cfg.model
+    changed = [f"model.{f.name}: {getattr(saved, f.name)!r} in the checkpoint, {getattr(mine, f.name)!r} now"
+               for f in dataclasses.fields(mine)
+               if f.name not in NOT_MODEL | allowed and getattr(saved, f.name) != getattr(mine, f.name)]
+    theirs = read_meta(start.path).get("meta", {}).get("tokenizer")
+    ours = tokenizer_record(cfg) if theirs and "tokenizer" not in allowed else None
+    if ours is not None and provenance.tokenizer_differences(theirs, ours):
+        changed.append(f"tokenizer: {provenance.describe_tokenizer(theirs)} in the checkpoint, "
+                       f"{provenance.describe_tokenizer(ours)} now")
+    if changed:
+        how = "resume" if start.resume else "new phase"
+        raise ConfigError(f"{start.path} was trained with another model than this {how} configures: "
+                          f"{'; '.join(changed)}. Use the checkpoint's values, or name the keys in "
+                          f"checkpoint.allow_changes if the change is meant (e.g. \"{_names(changed)}\")")
+
+
+def _names(changed: list[str]) -> str:
+    return ",".join(c.split(":")[0].removeprefix("model.") for c in changed)

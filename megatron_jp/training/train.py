@@ -37,15 +37,16 @@ from megatron_jp.parallel import (ParallelDims, StepResult, build_optimizer, bui
                                   init_process_group, launch_env, train_step)
 from megatron_jp.parallel.compile import compile_enabled, use_compile_cache
 from megatron_jp.parallel.memory import memory_warning
-from megatron_jp.training.runtime import environment
 from megatron_jp.training import schedules
+from megatron_jp.training.runtime import consensus, environment
 from megatron_jp.training.checkpoint import Checkpointer, CheckpointError, checkpoint_bytes
 from megatron_jp.training.flops import effective_seq_length, flops_per_token, mfu
 from megatron_jp.training.metrics import MetricsWriter, console_line
 from megatron_jp.training.probe import MaskedWordProbe, build_dataset
 from megatron_jp.training.runtime.run_lock import LockedError, hold_run_dirs
 from megatron_jp.training.schedules import Curricula
-from megatron_jp.training.startup import Start, checkpoint_dir, resolve_vocab, starting_checkpoint
+from megatron_jp.training.startup import (Start, check_continuation, checkpoint_dir, resolve_vocab, starting_checkpoint,
+                                          tokenizer_record)
 from megatron_jp.training.runtime.stop import StopRequest
 from megatron_jp.training.runtime.watchdog import NullWatchdog, Watchdog
 from megatron_jp.precision import Precision
@@ -76,6 +77,7 @@ def run(cfg: Config, stop: StopRequest | None = None) -> int:
         validate(cfg, world)
         start = starting_checkpoint(cfg)
         resolve_vocab(cfg, start)
+        check_continuation(cfg, start)
         loaders, curricula = prepare_data(cfg, rank, world)
     except (ConfigError, CheckpointError, ValueError, OSError) as e:  # before any process group exists
         return fail(e, rank, status=2)
@@ -83,6 +85,7 @@ def run(cfg: Config, stop: StopRequest | None = None) -> int:
     trainer, locks = None, []
     try:
         rank, world, device = init_process_group(timeout_s=watchdog.backstop_s)
+        consensus.agree(cfg, build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model))  # all or none
         dims = ParallelDims.from_config(cfg, world, rank, device)
         environment.report(world, rank, cfg.run.dir)
         watchdog.started()
@@ -94,7 +97,7 @@ def run(cfg: Config, stop: StopRequest | None = None) -> int:
         trainer = Trainer(cfg, dims, loaders, curricula, watchdog)
         trainer.fit(start, stop)
         return 0
-    except LockedError as e:
+    except (LockedError, consensus.RanksDisagree) as e:
         return fail(e, rank, status=2)
     except (TrainingAborted, CheckpointError, ConfigError, DataError) as e:
         return fail(e, rank, status=1)
@@ -107,6 +110,10 @@ def run(cfg: Config, stop: StopRequest | None = None) -> int:
         return fail(RuntimeError("interrupted: exiting without saving; `latest` names the last complete "
                                  "checkpoint"), rank, status=130)
     except RuntimeError as e:  # gloo raises this when a peer's connection closes
+        if str(e).startswith("DataLoader worker"):  # torch's words for a worker killed (OOM) or crashed
+            return fail(RuntimeError(f"a data loader worker of rank {rank} died ({str(e).strip()}); the last "
+                                     "published checkpoint stays `latest`. If the OOM killer ended it, lower "
+                                     "data.num_workers or give the job more memory"), 0, status=1)
         watchdog.collective_failed(e)  # names the rank that vanished and exits, if one did
         raise
     finally:
@@ -167,6 +174,7 @@ class Trainer:
         self.checkpointer = Checkpointer(checkpoint_dir(cfg), cfg, dims, keep=cfg.checkpoint.keep,
                                          async_save=cfg.checkpoint.async_save)
         self.progress = Progress()
+        self.tokenizer = tokenizer_record(cfg)  # recorded in every checkpoint: a resume compares it
         self.is_logger = dims.rank == 0  # every rank holds the same reduced loss; one writes it
         self.metrics = MetricsWriter(cfg.run.dir, enabled=self.is_logger)
         self.log = LogWindow()
@@ -315,7 +323,7 @@ class Trainer:
     def save(self):
         self.watchdog.mark(self.progress.step, "checkpoint save")
         meta = {"step": self.progress.step, "consumed_samples": self.progress.consumed_samples,
-                "skipped_steps": self.progress.skipped_steps}
+                "skipped_steps": self.progress.skipped_steps, "tokenizer": self.tokenizer}
         self.checkpointer.save(self.progress.step, self.model, self.optimizer, meta=meta, rank_state=get_rng_state())
 
     def say(self, message: str):

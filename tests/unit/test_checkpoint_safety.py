@@ -1,7 +1,7 @@
 """Nothing lost, nothing trusted (issue 13): checkpoints that cannot be overwritten, pruned or
 corrupted silently, folders one run owns, no code from downloaded folders. One test per defect of
 the issue, each named as the claim it checks. Modules that issue 13 added (megatron_jp.files,
-training.run_lock) are imported inside the tests that use them, so that on the code before it every
+training.runtime.run_lock) are imported inside the tests that use them, so that on the code before it every
 test runs and fails for its own reason."""
 
 import errno

@@ -41,6 +41,9 @@ CASES = [
     ("plot_metrics", ["{t}/run"], "metrics.jsonl:2"),
     ("plot_metrics", ["{t}/noloss"], "nothing to plot"),
     ("plot_metrics", ["{t}/nothing"], "does not exist"),
+    ("build_index", ["--config", "{t}/missing.yaml"], "missing.yaml"),
+    ("build_index", ["--data.paths", "{t}/nothing", "--data.tokenizer_type", "ByteTokenizer"], "nothing"),
+    ("build_index", ["--data.paths", "1 {t}/nothing extra", "--data.tokenizer_type", "ByteTokenizer"], "data.paths"),
 ]
 
 

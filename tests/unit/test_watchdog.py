@@ -110,3 +110,9 @@ def test_timeouts_must_be_positive_and_may_be_fractions(key):
     assert getattr(load_config(None, [f"--parallel.{key}", "0.5"]).parallel, key) == 0.5
     with pytest.raises(ConfigError, match=f"parallel.{key} = 0.0 is out of range: it must be > 0"):
         load_config(None, [f"--parallel.{key}", "0"])
+
+
+def test_an_unanswering_store_host_is_named_with_the_last_step_every_rank_completed():
+    # issue 19, item 17: a stopped rank 0 leaves no heartbeat to read, but every rank finished the step before
+    message = diagnose(None, None, STORE, step=1234)
+    assert message.startswith("rank 0 stopped responding") and "every rank had completed step 1233" in message

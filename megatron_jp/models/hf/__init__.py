@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from megatron_jp.files import move_into, output_dir, scratch_dir
 from megatron_jp.models.config import ModelConfig
-from megatron_jp.files import move_into, scratch_dir
 from megatron_jp.models.encoder import build_encoder, tie
 from megatron_jp.models.hf import bert, custom, eurobert, modernbert
 from megatron_jp.models.hf.keymap import from_hf_state, to_hf_state
@@ -40,20 +40,21 @@ def choose_target(cfg: ModelConfig, name: str = "auto"):
 
 def export_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | os.PathLike,
               special: dict | None = None, target: str = "auto", dtype: torch.dtype | None = None,
-              extra=None):
+              extra=None, replace: bool = False):
     """Write config.json + model.safetensors (+ modeling code for custom, + whatever `extra(folder)`
     writes, e.g. the tokenizer) into out_dir, atomically: everything is written into a temporary
     folder first, so a full disk leaves the old folder (or none) behind, never a half-written one.
 
     `state` uses our parameter names; `special` holds token ids (pad, cls, sep, mask). Returns the
-    target module used. An existing out_dir keeps files we do not write (e.g. a README).
+    target module used. `replace`: an existing out_dir is swapped out whole (tools/convert_to_hf.py:
+    no file of an earlier export stays); else it keeps files we do not write (e.g. a README).
     """
     module = choose_target(cfg, target)
     tensors = to_hf_state(module.entries(cfg), state)
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
     out_dir = Path(out_dir)
-    with scratch_dir(out_dir) as tmp:
+    with (output_dir(out_dir) if replace else scratch_dir(out_dir)) as tmp:
         config = {k: v for k, v in module.hf_config(cfg, special or {}).items() if v is not None}
         config["torch_dtype"] = str(dtype or torch.float32).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
@@ -62,7 +63,8 @@ def export_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | o
             (tmp / custom.MODELING_FILE).write_text(custom.modeling_source(), encoding="utf-8")
         if extra is not None:
             extra(tmp)
-        move_into(tmp, out_dir)
+        if not replace:
+            move_into(tmp, out_dir)
     return module
 
 

@@ -26,7 +26,7 @@ from megatron_jp.parallel.model import full_shapes
 from megatron_jp.precision import Precision
 from megatron_jp.training.checkpoint import dcp_pieces
 from megatron_jp.training.checkpoint.store import (LATEST, MODEL_PREFIX, MOMENTS, OPTIM_PREFIX, RANK_STATE,
-                                                   CheckpointError, check_files, check_same_shapes,
+                                                   CheckpointError, check_files, check_same_shapes, interrupted,
                                                    iteration_folders, iteration_name, listing, new_run_id,
                                                    non_finite_names, publish, read_config, read_error, read_meta,
                                                    refuse_foreign, resolve_checkpoint, saved_shapes, start_folder,
@@ -291,8 +291,10 @@ class Checkpointer:
                 self._pending = _PendingSave(step, tmp, info, future, rank_files)
                 return
             report = dcp_pieces.save(state, tmp, self.group, self._no_dist)
-        except (Exception, CheckpointException) as e:
+        except (Exception, CheckpointException, KeyboardInterrupt) as e:
             self._abandon(tmp)
+            if interrupted(e):
+                raise KeyboardInterrupt from None
             raise write_error(tmp, e) from None
         self._publish(step, tmp, info, {**report.files, **rank_files}, report.hash_seconds)
 
@@ -302,8 +304,10 @@ class Checkpointer:
         if pending is not None:
             try:
                 report = pending.future.result()
-            except (Exception, CheckpointException) as e:
+            except (Exception, CheckpointException, KeyboardInterrupt) as e:
                 self._abandon(pending.tmp)
+                if interrupted(e):
+                    raise KeyboardInterrupt from None
                 raise write_error(pending.tmp, e) from None
             self._publish(pending.step, pending.tmp, pending.info, {**report.files, **pending.rank_files},
                           report.hash_seconds)

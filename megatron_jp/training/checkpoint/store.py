@@ -194,6 +194,16 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
+def interrupted(e: BaseException) -> bool:
+    """Whether `e` is, or DCP's CheckpointException wraps, a KeyboardInterrupt (a second Ctrl-C during
+    a save): the run then exits at once with status 130 instead of reporting a failed write."""
+    if isinstance(e, KeyboardInterrupt):
+        return True
+    failures = getattr(e, "failures", None)
+    inner = [pair[0] if isinstance(pair, tuple) else pair for pair in (failures or {}).values()]
+    return any(isinstance(x, BaseException) and interrupted(x) for x in inner)
+
+
 def read_error(iter_dir: Path, e: BaseException) -> CheckpointError:
     reason = describe_os_error(e) or _first_line(e)
     return CheckpointError(f"{iter_dir}: cannot read the tensors, a shard is missing or damaged "

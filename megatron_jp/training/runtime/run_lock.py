@@ -3,8 +3,11 @@ second run (or a tool writing checkpoints) on the same folders is refused before
 
 The lock is a file created with O_EXCL holding the owner's host, pid and start time; a thread
 refreshes its mtime every HEARTBEAT_S seconds. A lock is stale, and taken over with a note, when
-its owner is on this host and its pid is gone, or when its heartbeat stopped for STALE_S seconds
-(a crashed node: no pid can be checked from here). O_EXCL and rename are atomic on local file
+its owner is on this host and its pid is gone (or now names another process: the kernel's start
+time of the pid differs), or when its owner is on another host and its heartbeat stopped for
+STALE_S seconds (a crashed node: no pid can be checked from here). An owner alive on this host is
+never judged by its heartbeat: a process stopped by Ctrl-Z, a SLURM suspend, a debugger or a frozen
+NFS mount beats no more, yet it still owns its folders. O_EXCL and rename are atomic on local file
 systems and on NFS v3+/Lustre/GPFS, where flock() is often unavailable or node-local.
 """
 
@@ -31,38 +34,53 @@ class LockedError(RuntimeError):
     """The folder belongs to a live run; the message names its host and pid."""
 
 
+def process_start(pid: int) -> str | None:
+    """The kernel's start time of `pid` (clock ticks since boot, /proc/PID/stat field 22), which
+    tells a live owner from a later process that got its pid; None where /proc cannot say."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2:].split()[19]  # fields after "(comm)" start at field 3
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 @dataclass
 class Holder:
     host: str
     pid: int
     started: str
     what: str
+    proc_start: str | None = None
 
     @classmethod
     def read(cls, path: Path) -> "Holder | None":
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
-            return cls(str(raw["host"]), int(raw["pid"]), str(raw.get("started", "?")), str(raw.get("what", "?")))
+            return cls(str(raw["host"]), int(raw["pid"]), str(raw.get("started", "?")), str(raw.get("what", "?")),
+                       raw.get("proc_start"))
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError):
             return cls("?", -1, "?", "?")  # half written, or not ours: judged by its heartbeat alone
 
     def alive(self, path: Path, stale_s: float) -> bool:
+        if self.host == socket.gethostname() and self.pid > 0:
+            return self._pid_alive()  # a suspended owner beats no more but is alive: never judged by age
         try:
             age = time.time() - path.stat().st_mtime
         except FileNotFoundError:
             return False
-        if age > stale_s:
+        return age <= stale_s
+
+    def _pid_alive(self) -> bool:
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
             return False
-        if self.host == socket.gethostname() and self.pid > 0:
-            try:
-                os.kill(self.pid, 0)
-            except ProcessLookupError:
-                return False
-            except PermissionError:
-                return True  # another user's live process
-        return True
+        except PermissionError:
+            pass  # another user's live process
+        now = process_start(self.pid)
+        return self.proc_start is None or now is None or now == self.proc_start
 
 
 class DirLock:
@@ -90,15 +108,20 @@ class DirLock:
             if holder.alive(self.path, self.stale_s):
                 raise LockedError(
                     f"{self.folder} is in use by {holder.what} on host {holder.host}, pid {holder.pid} (started "
-                    f"{holder.started}): wait for it to finish, or use another folder. If that process is gone "
-                    f"(e.g. its node crashed), the lock is taken over {self.stale_s:.0f} s after its last "
-                    f"heartbeat, or delete {self.path}")
+                    f"{holder.started}): wait for it to finish, or use another folder{self._gone_hint(holder)}")
             self._take_over_stale(holder)
         raise LockedError(f"{self.path}: could not take the lock (other processes keep racing for it)")
 
+    def _gone_hint(self, holder: Holder) -> str:
+        if holder.host == socket.gethostname() and holder.pid > 0:
+            return (f". That process is alive on this host (perhaps stopped: Ctrl-Z, a suspended job, a "
+                    f"debugger); resume it with `kill -CONT {holder.pid}` or end it, and its lock goes with it")
+        return (f". If that process is gone (e.g. its node crashed), the lock is taken over {self.stale_s:.0f} s "
+                f"after its last heartbeat; if you know it is gone sooner, delete {self.path}")
+
     def _try_create(self) -> bool:
         record = {"host": socket.gethostname(), "pid": os.getpid(), "what": self.what, "token": self._token,
-                  "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "proc_start": process_start(os.getpid())}
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:

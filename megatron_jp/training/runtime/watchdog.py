@@ -57,16 +57,19 @@ class Beat:
 
 
 def diagnose(before: dict[int, Beat | None] | None, after: dict[int, Beat | None] | None, store: str,
-             agent_store: bool = False, startup: bool = False) -> str:
+             agent_store: bool = False, startup: bool = False, step: int | None = None) -> str:
     """Name the stuck ranks from two readings of every heartbeat taken a few intervals apart (None: the
-    store did not answer). `agent_store`: torchrun's agent hosts the store, else rank 0's process."""
+    store did not answer). `agent_store`: torchrun's agent hosts the store, else rank 0's process.
+    `step`: the step this rank is in; a store host that no longer answers has no heartbeat to read, but
+    it finished the step before (every step ends in collectives over all ranks), so that one is named."""
     host = "the torchrun agent of the first node" if agent_store else "rank 0"
     if after is None or before is None:
         if startup:
             return (f"the rendezvous store at {store} cannot be reached: {host} has not started it (yet), or "
                     f"MASTER_ADDR does not lead to that node from here (check MASTER_ADDR and the interfaces)")
+        reached = f"; every rank had completed step {step - 1}, this one is in step {step}" if step else ""
         return (f"{host} stopped responding (frozen or dead): it hosts the rendezvous store at {store}, "
-                f"which does not answer")
+                f"which does not answer{reached}")
     missing = [r for r, beat in after.items() if beat is None]
     if missing:
         return f"{_ranks(missing)} never joined (no heartbeat in the rendezvous store)"
@@ -174,7 +177,8 @@ class Watchdog:
         self._exit(HUNG_EXIT_STATUS)
 
     def _diagnose(self, first, second) -> str:
-        return diagnose(first, second, f"{self.host}:{self.port}", self.agent_store, self._in_startup)
+        return diagnose(first, second, f"{self.host}:{self.port}", self.agent_store, self._in_startup,
+                        None if self._in_startup else self.step)
 
     def stop(self):
         self._stopped.set()

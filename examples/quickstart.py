@@ -151,16 +151,14 @@ def initial_model(cfg, paths: Paths) -> dict:
 
     from megatron_jp.data.datasets import VALID
     from megatron_jp.data.loader import ValidLoader, build_mlm_dataset
-    from megatron_jp.data.tokenizers import build_tokenizer
     from megatron_jp.models.encoder import build_encoder, masked_lm_loss
     from megatron_jp.training.checkpoint import save_model_checkpoint
     from megatron_jp.training.startup import resolve_vocab
 
-    resolve_vocab(cfg)  # model.vocab_size from the tokenizer, as the trainer does
+    tokenizer = resolve_vocab(cfg)  # model.vocab_size from the tokenizer, as the trainer does
     model = build_encoder(cfg.model, seed=cfg.train.seed).eval()
     save_model_checkpoint(paths.init_checkpoint, 0, cfg, model.state_dict())
     d = cfg.data
-    tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model)
     valid = ValidLoader(build_mlm_dataset(d, tokenizer, cfg.train.seed, VALID),
                         micro_batch_size=cfg.train.micro_batch_size, dp_rank=0, dp_size=1,
                         seq_length=d.seq_length, mask_prob=d.mask_prob, max_batches=cfg.eval.steps)

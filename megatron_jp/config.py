@@ -32,7 +32,7 @@ from typing import Literal
 import yaml
 
 # the field types: the sections' annotations below are resolved in this module's namespace
-from megatron_jp.config_fields import (GLU_ACTIVATIONS, Beta, Checked, ConfigError, NonNegative,  # noqa: F401
+from megatron_jp.config_fields import (GLU_ACTIVATIONS, Beta, Blend, Checked, ConfigError, NonNegative,  # noqa: F401
                                        NonNegativeFloat, OpenUnit, Positive, PositiveFloat, Probability,
                                        RampUp, Range, Seed, SeqLength, Stages, check_fields, coerce,
                                        section_fields)
@@ -49,9 +49,9 @@ class DataConfig(Checked):
 
     SECTION = "data"
 
-    paths: str = ""
+    paths: Blend = Blend()
     """Megatron-style blend: "w1 prefix1 w2 prefix2" or one prefix (e.g. data/corpus_text_document)."""
-    valid_paths: str = ""
+    valid_paths: Blend = Blend()
     """Blend for validation. Empty: split off from `paths` by `split`."""
     split: str = "98,2"
     """Train,valid weights used to split `paths` when valid_paths is empty."""
@@ -581,5 +581,5 @@ def _plain(section) -> dict:
     out = {}
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
-        out[f.name] = str(value) if isinstance(value, (Stages, RampUp)) else "" if value is None else value
+        out[f.name] = str(value) if isinstance(value, (Stages, RampUp, Blend)) else "" if value is None else value
     return out

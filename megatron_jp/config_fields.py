@@ -101,6 +101,40 @@ class Stages:
 
 
 @dataclass(frozen=True)
+class Blend:
+    """A Megatron-style data blend, "prefix" or "w1 prefix1 w2 prefix2 ...", parsed once when the config
+    is read: (weight, prefix) pairs with the weights normalised to sum 1. Empty: no data named."""
+
+    sources: tuple[tuple[float, str], ...] = ()
+    text: str = ""
+
+    @classmethod
+    def parse(cls, text: str, key: str) -> "Blend":
+        items = str(text).split()
+        if len(items) <= 1:
+            return cls(tuple((1.0, item) for item in items), " ".join(items))
+        if len(items) % 2:
+            raise ConfigError(f"{key} = {text!r}: expected weight/prefix pairs, got an odd number of items")
+        pairs = []
+        for weight, prefix in zip(items[::2], items[1::2]):
+            try:
+                pairs.append((float(weight), prefix))
+            except ValueError:
+                raise ConfigError(f"{key} = {text!r}: {weight!r} is not a weight (format: 'w1 prefix1 w2 "
+                                  f"prefix2')") from None
+        if any(w < 0 or not math.isfinite(w) for w, _ in pairs) or sum(w for w, _ in pairs) <= 0:
+            raise ConfigError(f"{key} = {text!r}: weights must be finite, >= 0 and not all 0")
+        total = sum(w for w, _ in pairs)
+        return cls(tuple((w / total, p) for w, p in pairs), " ".join(items))
+
+    def __bool__(self) -> bool:
+        return bool(self.sources)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True)
 class RampUp:
     """Megatron's batch-size ramp-up "START INCREMENT STEPS", parsed."""
 
@@ -174,7 +208,7 @@ _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 
 def _convert(value, typ, key: str):
-    if typ in (Stages, RampUp):
+    if typ in (Stages, RampUp, Blend):
         return value if isinstance(value, typ) else typ.parse("" if value is None else value, key)
     if isinstance(value, bool):
         return value if typ is bool else _INVALID

@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from megatron_jp.config_fields import Blend
 from megatron_jp.data import indexed
 from megatron_jp.data.masking import Masker, row_randoms
 from megatron_jp.data.sources import DataError, PackedSource
@@ -32,28 +33,12 @@ MIN_SLOTS = 64  # slots per period of the lightest dataset: its realised weight 
 TRAIN, VALID = 0, 1
 
 
-def parse_blend(paths: str) -> list[tuple[float, str]]:
-    """[(weight, prefix)] from "prefix" or "w1 prefix1 w2 prefix2 ..."; weights normalised to sum 1."""
-    items = paths.split()
-    if not items:
+def parse_blend(paths) -> list[tuple[float, str]]:
+    """[(weight, prefix)] of data.paths: a Blend the config parsed once, or its text (tools, benches)."""
+    blend = paths if isinstance(paths, Blend) else Blend.parse(paths, "data.paths")
+    if not blend:
         raise ValueError("data.paths is empty: give a shard prefix or 'w1 prefix1 w2 prefix2'")
-    if len(items) == 1:
-        return [(1.0, items[0])]
-    if len(items) % 2:
-        raise ValueError(f"data.paths {paths!r}: expected weight/prefix pairs, got an odd number of items")
-    pairs = []
-    for w, prefix in zip(items[::2], items[1::2]):
-        try:
-            weight = float(w)
-        except ValueError:
-            raise ValueError(f"data.paths {paths!r}: {w!r} is not a weight (format: 'w1 prefix1 w2 prefix2')") from None
-        if weight < 0:
-            raise ValueError(f"data.paths {paths!r}: negative weight {weight} for {prefix}")
-        pairs.append((weight, prefix))
-    total = sum(w for w, _ in pairs)
-    if total <= 0:
-        raise ValueError(f"data.paths {paths!r}: weights sum to 0")
-    return [(w / total, p) for w, p in pairs]
+    return list(blend.sources)
 
 
 def split_bounds(n_docs: int, split: str) -> tuple[tuple[int, int], tuple[int, int]]:

@@ -289,7 +289,7 @@ def build_data_loaders(data_cfg, tokenizer, *, micro_batch_size: int, dp_rank: i
     cache = IndexCache(cache_root(data_cfg))
     train_set = build_mlm_dataset(data_cfg, tokenizer, seed, TRAIN, cache)
     if train_set is None:
-        raise ValueError(f"data.paths {data_cfg.paths!r} with split {data_cfg.split!r} leaves no training documents")
+        raise ValueError(f"data.paths {str(data_cfg.paths)!r} with split {data_cfg.split!r} leaves no training documents")
     train = TrainLoader(train_set, micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
                         num_workers=data_cfg.num_workers, global_batch_size=global_batch_size,
                         mask_prob_at=data_cfg.mask_prob if mask_prob_at is None else mask_prob_at,

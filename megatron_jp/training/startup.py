@@ -50,10 +50,11 @@ def starting_checkpoint(cfg: Config) -> Start | None:
     return None
 
 
-def resolve_vocab(cfg: Config, start: Start | None = None, require_tokenizer: bool = True) -> None:
+def resolve_vocab(cfg: Config, start: Start | None = None, require_tokenizer: bool = True):
     """Fill model.vocab_size (0: take it) from the starting checkpoint or the tokenizer (padded for
     tensor parallelism), or check that a fixed size covers the tokenizer. Runs after validate(),
-    which checked a fixed size against parallel.tensor.
+    which checked a fixed size against parallel.tensor. Returns the tokenizer, built here once for the
+    whole run (None when a dry run skipped it).
 
     A checkpoint's padded size is kept: it depends on the tensor-parallel size that wrote it. A dry
     run of a preset that fixes its vocabulary may name a tokenizer that is not on this machine yet
@@ -76,23 +77,16 @@ def resolve_vocab(cfg: Config, start: Start | None = None, require_tokenizer: bo
             raise ConfigError(f"data.tokenizer_model {d.tokenizer_model or '(empty)'} does not exist")
         if not require_tokenizer:
             print(f"note: tokenizer {d.tokenizer_model or d.tokenizer_type} not loaded; vocabulary check skipped")
-            return
+            return None
     tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model)
     if m.vocab_size == 0:
         rows = padded_vocab_size(tokenizer.vocab_size, m, cfg.parallel.tensor)
         cfg.model = m = dataclasses.replace(m, vocab_size=rows)
     check_vocab(m, tokenizer.vocab_size, d.tokenizer_model or d.tokenizer_type)
+    return tokenizer
 
 
-def tokenizer_record(cfg: Config) -> dict | None:
-    """What a checkpoint records of the run's tokenizer (type, file hash, vocabulary, special ids)."""
-    d = cfg.data
-    if d.tokenizer_type != "ByteTokenizer" and not os.path.exists(d.tokenizer_model):
-        return None
-    return provenance.tokenizer_info(build_tokenizer(d.tokenizer_type, d.tokenizer_model))
-
-
-def check_continuation(cfg: Config, start: Start | None) -> None:
+def check_continuation(cfg: Config, start: Start | None, tokenizer) -> None:
     """Refuse to continue a checkpoint with another model or tokenizer than the one it was trained
     with, naming each key and both values, unless checkpoint.allow_changes names it (a new phase
     may change PHASE_KEYS): only tensor shapes would be compared otherwise, and a changed activation,
@@ -106,7 +100,7 @@ def check_continuation(cfg: Config, start: Start | None) -> None:
                for f in dataclasses.fields(mine)
                if f.name not in NOT_MODEL | allowed and getattr(saved, f.name) != getattr(mine, f.name)]
     theirs = read_meta(start.path).get("meta", {}).get("tokenizer")
-    ours = tokenizer_record(cfg) if theirs and "tokenizer" not in allowed else None
+    ours = provenance.tokenizer_info(tokenizer) if theirs and "tokenizer" not in allowed else None
     if ours is not None and provenance.tokenizer_differences(theirs, ours):
         changed.append(f"tokenizer: {provenance.describe_tokenizer(theirs)} in the checkpoint, "
                        f"{provenance.describe_tokenizer(ours)} now")

@@ -32,7 +32,7 @@ from megatron_jp.config import Config, ConfigError, to_yaml, validate
 from megatron_jp.data.loader import build_data_loaders
 from megatron_jp.data.sources import DataError
 from megatron_jp.files import describe_os_error, write_text
-from megatron_jp.data.tokenizers import build_tokenizer
+from megatron_jp.data.provenance import tokenizer_info
 from megatron_jp.parallel import (ParallelDims, StepResult, build_optimizer, build_parallel_model, eval_step,
                                   init_process_group, launch_env, train_step)
 from megatron_jp.parallel.compile import compile_enabled, use_compile_cache
@@ -45,8 +45,7 @@ from megatron_jp.training.metrics import MetricsWriter, console_line
 from megatron_jp.training.probe import MaskedWordProbe, build_dataset
 from megatron_jp.training.runtime.run_lock import LockedError, hold_run_dirs
 from megatron_jp.training.schedules import Curricula
-from megatron_jp.training.startup import (Start, check_continuation, checkpoint_dir, resolve_vocab, starting_checkpoint,
-                                          tokenizer_record)
+from megatron_jp.training.startup import Start, check_continuation, checkpoint_dir, resolve_vocab, starting_checkpoint
 from megatron_jp.training.runtime.stop import StopRequest
 from megatron_jp.training.runtime.watchdog import NullWatchdog, Watchdog
 from megatron_jp.precision import Precision
@@ -76,16 +75,16 @@ def run(cfg: Config, stop: StopRequest | None = None) -> int:
     try:
         validate(cfg, world)
         start = starting_checkpoint(cfg)
-        resolve_vocab(cfg, start)
-        check_continuation(cfg, start)
-        loaders, curricula = prepare_data(cfg, rank, world)
+        tokenizer = resolve_vocab(cfg, start)  # the run's one tokenizer
+        check_continuation(cfg, start, tokenizer)
+        loaders, curricula = prepare_data(cfg, tokenizer, rank, world)
     except (ConfigError, CheckpointError, ValueError, OSError) as e:  # before any process group exists
         return fail(e, rank, status=2)
     watchdog = Watchdog.from_config(cfg.parallel, rank, world).start()  # no rank waits forever
     trainer, locks = None, []
     try:
         rank, world, device = init_process_group(timeout_s=watchdog.backstop_s)
-        consensus.agree(cfg, build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model))  # all or none
+        consensus.agree(cfg, tokenizer)  # all ranks go on, or none
         dims = ParallelDims.from_config(cfg, world, rank, device)
         environment.report(world, rank, cfg.run.dir)
         watchdog.started()
@@ -94,7 +93,7 @@ def run(cfg: Config, stop: StopRequest | None = None) -> int:
             if lock.note:
                 print(lock.note, flush=True)
         start = starting_checkpoint(cfg)  # again, under the lock: the newest `latest`
-        trainer = Trainer(cfg, dims, loaders, curricula, watchdog)
+        trainer = Trainer(cfg, dims, loaders, curricula, tokenizer, watchdog)
         trainer.fit(start, stop)
         return 0
     except (LockedError, consensus.RanksDisagree) as e:
@@ -133,10 +132,9 @@ def fail(error: Exception, rank: int, status: int) -> int:
     return status
 
 
-def prepare_data(cfg: Config, rank: int, world: int):
+def prepare_data(cfg: Config, tokenizer, rank: int, world: int):
     """This rank's loaders (its data-parallel coordinate comes from the rank grid) and the curricula,
     so a missing or malformed shard is reported before any rank waits for another."""
-    tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
     curricula = Curricula.from_config(cfg)
     p = cfg.parallel
     layout = ParallelDims.layout(p.tensor, p.pipeline, world // (p.tensor * p.pipeline), p.virtual_pipeline, rank)
@@ -156,7 +154,7 @@ def prepare_data(cfg: Config, rank: int, world: int):
 
 
 class Trainer:
-    def __init__(self, cfg: Config, dims: ParallelDims, loaders, curricula: Curricula, watchdog=None):
+    def __init__(self, cfg: Config, dims: ParallelDims, loaders, curricula: Curricula, tokenizer, watchdog=None):
         self.cfg, self.dims, self.curricula = cfg, dims, curricula
         self.watchdog = watchdog or NullWatchdog()  # told of every step, save and validation
         self.watchdog.mark(0, "building the model")
@@ -174,7 +172,7 @@ class Trainer:
         self.checkpointer = Checkpointer(checkpoint_dir(cfg), cfg, dims, keep=cfg.checkpoint.keep,
                                          async_save=cfg.checkpoint.async_save)
         self.progress = Progress()
-        self.tokenizer = tokenizer_record(cfg)  # recorded in every checkpoint: a resume compares it
+        self.tokenizer = tokenizer_info(tokenizer)  # recorded in every checkpoint: a resume compares it
         self.is_logger = dims.rank == 0  # every rank holds the same reduced loss; one writes it
         self.metrics = MetricsWriter(cfg.run.dir, enabled=self.is_logger)
         self.log = LogWindow()
@@ -187,7 +185,6 @@ class Trainer:
             self.say(f"warning: {warning}")
         self.probe = None
         if cfg.eval.intrinsic and self.valid_loader is not None:
-            tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
             self.probe = MaskedWordProbe(cfg, tokenizer, dims.dp_rank, dims.dp)
         if cfg.eval.interval and self.valid_loader is None:
             self.say("note: eval.interval is set, but data.split and data.valid_paths leave no validation "

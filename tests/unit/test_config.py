@@ -165,3 +165,13 @@ def test_a_config_written_to_yaml_reads_back_equal(tmp_path):
     again = config_from_dict(yaml.safe_load(to_yaml(cfg)))
     assert again == cfg and str(again.data.seq_length_stages) == "0:64,10:128"
     assert again.train.rampup_batch_size == RampUp(4, 4, 10)
+
+
+def test_a_data_blend_is_parsed_once_when_read_and_written_back_as_given():
+    cfg = load_config(None, ["--data.paths", "3 data/wiki_text_document 1 data/cc_text_document"])
+    assert cfg.data.paths.sources == ((0.75, "data/wiki_text_document"), (0.25, "data/cc_text_document"))
+    assert cfg.to_dict()["data"]["paths"] == "3 data/wiki_text_document 1 data/cc_text_document"
+    assert config_from_dict(yaml.safe_load(to_yaml(cfg))) == cfg
+    for bad, why in (("0.5 a 0.5", "odd number"), ("x a 1 b", "'x' is not a weight"), ("0 a 0 b", "not all 0")):
+        with pytest.raises(ConfigError, match=rf"command line: data.paths = .*{why}"):
+            load_config(None, ["--data.paths", bad])

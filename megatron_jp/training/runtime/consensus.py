@@ -38,7 +38,7 @@ def fingerprint(cfg: Config, tokenizer=None) -> dict[str, str]:
         flat["tokenizer.sha256"] = str(info["sha256"])
         flat["tokenizer.vocab_size"] = str(info["vocab_size"])
     for paths in (cfg.data.paths, cfg.data.valid_paths):
-        for _, prefix in parse_blend(paths) if paths.strip() else []:
+        for _, prefix in parse_blend(paths) if str(paths).strip() else []:
             flat[f"shard {prefix}"] = shard_provenance(prefix)
     return flat
 

@@ -61,3 +61,11 @@ def test_the_fingerprint_holds_the_tokenizer_and_each_shards_provenance(data, tm
     message = describe(3, mine, theirs)
     assert f"shard {data}: sidecar sha256" in message and "on rank 3" in message
     assert mine[f"shard {data}"].startswith("sidecar sha256 ") and "_document.bin" in mine[f"shard {data}"]
+
+
+def test_node_local_folders_may_differ_between_ranks():
+    """Each node of a TSUBAME job keeps its index cache (and compile cache) in its own $TMPDIR."""
+    one = load_config(None, ["--data.cache_dir", "/node1/tmp/cache", "--train.compile_cache_dir", "/node1/cc"])
+    two = load_config(None, ["--data.cache_dir", "/node2/tmp/cache", "--train.compile_cache_dir", "/node2/cc"])
+    assert fingerprint(one) == fingerprint(two)
+    assert fingerprint(one) != fingerprint(load_config(None, ["--data.cache_dir", "/x", "--optim.lr", "0.5"]))

@@ -23,6 +23,9 @@ from megatron_jp.data import indexed, provenance
 from megatron_jp.data.datasets import parse_blend
 
 SHOWN = 5  # differing keys named in the message; the rest are counted
+# folders that may be node-local by design (TSUBAME's per-node $TMPDIR holds each node's index cache):
+# they may differ between ranks, and what they hold is derived from the compared keys
+NODE_LOCAL = {"data.cache_dir", "train.compile_cache_dir"}
 
 
 class RanksDisagree(ConfigError):
@@ -32,7 +35,8 @@ class RanksDisagree(ConfigError):
 def fingerprint(cfg: Config, tokenizer=None) -> dict[str, str]:
     """{key: value as text} for everything a rank must share with rank 0."""
     flat = {f"{section}.{key}": json.dumps(value, sort_keys=True, default=str)
-            for section, values in cfg.to_dict().items() for key, value in values.items()}
+            for section, values in cfg.to_dict().items() for key, value in values.items()
+            if f"{section}.{key}" not in NODE_LOCAL}
     info = provenance.tokenizer_info(tokenizer) if tokenizer is not None else None
     if info is not None:
         flat["tokenizer.sha256"] = str(info["sha256"])

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_jp.models.config import preset
+from megatron_jp.config import parse_overrides
 from megatron_jp.data import indexed
+from megatron_jp.models.config import preset
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"tohoku-bert-500m": "tiny", "bybert-100m": "tiny", "modernbert-ja-130m": "tiny-modernbert",
@@ -83,7 +84,10 @@ def run_args(args, model: str, seq: int, workdir: Path, tokenizer: Path, data: s
                  "train.micro_batch_size": args.micro_batch, "train.global_batch_size": args.micro_batch,
                  "train.precision": "fp32" if device == "cpu" else "bf16", "optim.warmup_steps": 1,
                  "log.interval": 1, "checkpoint.interval": 0, "checkpoint.keep": 1, "run.dir": str(workdir / "run")}
-    return [item for key, value in overrides.items() for item in (f"--{key}", str(value))] + extra
+    # the trainer refuses a key given twice: what is passed after `--` replaces these defaults
+    overrides |= {f"{section}.{key}": value for section, keys in parse_overrides(extra).items()
+                  for key, value in keys.items()}
+    return [item for key, value in overrides.items() for item in (f"--{key}", str(value))]
 
 
 def median_after_warmup(records: list[dict], key: str) -> float:
@@ -103,8 +107,12 @@ def main(argv=None) -> int:
     data = write_shard(workdir / f"synthetic_{vocab}_text_document", vocab,
                        int(1.3 * args.steps * args.micro_batch * seq) + 4 * seq, seq)
     cli = run_args(args, model, seq, workdir, tokenizer, data, extra)
-    plan = json.loads(subprocess.run([sys.executable, "-m", "megatron_jp.train", *cli, "--dry-run"], cwd=ROOT,
-                                     capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+    dry = subprocess.run([sys.executable, "-m", "megatron_jp.train", *cli, "--dry-run"], cwd=ROOT, capture_output=True,
+                         text=True)
+    if dry.returncode != 0:
+        print(dry.stderr[-4000:], file=sys.stderr)
+        return dry.returncode
+    plan = json.loads(dry.stdout.splitlines()[-1])
     run = subprocess.run([sys.executable, "-m", "megatron_jp.train", *cli], cwd=ROOT, capture_output=True, text=True)
     if run.returncode != 0:
         print(run.stdout[-2000:], run.stderr[-4000:], file=sys.stderr)

@@ -32,10 +32,9 @@ from typing import Literal
 import yaml
 
 # the field types: the sections' annotations below are resolved in this module's namespace
-from megatron_jp.config_fields import (GLU_ACTIVATIONS, Beta, Blend, Checked, ConfigError, NonNegative,  # noqa: F401
-                                       NonNegativeFloat, OpenUnit, Positive, PositiveFloat, Probability,
-                                       RampUp, Range, Seed, SeqLength, Stages, check_fields, coerce,
-                                       section_fields)
+from megatron_jp.config_fields import (Beta, Blend, Checked, ConfigError, NonNegative, NonNegativeFloat,  # noqa: F401
+                                       OpenUnit, Positive, PositiveFloat, Probability, RampUp, Seed, SeqLength,
+                                       Stages, check_fields, coerce, require, section_fields)
 from megatron_jp.models.config import ModelConfig, preset_fields
 from megatron_jp.precision import FP8_MULTIPLE, fp8_shape_problems
 
@@ -409,17 +408,13 @@ def to_yaml(cfg: Config) -> str:
 # ----------------------------------------------------------------------------- validation
 
 
-def _check(ok: bool, message: str):
-    if not ok:
-        raise ConfigError(message)
-
 
 def validate(cfg: Config, world_size: int):
     """Everything that can be refused before a process group exists, for `world_size` ranks."""
     for name in SECTIONS:
         check_fields(getattr(cfg, name), name)
     p = cfg.parallel
-    _check(p.virtual_pipeline == 1 or p.pipeline > 1, "parallel.virtual_pipeline > 1 needs parallel.pipeline > 1")
+    require(p.virtual_pipeline == 1 or p.pipeline > 1, "parallel.virtual_pipeline > 1 needs parallel.pipeline > 1")
     validate_scale(cfg)
     validate_model(cfg.model, p.tensor, p.pipeline * p.virtual_pipeline)
     validate_training(cfg)
@@ -444,7 +439,7 @@ def validate_scale(cfg: Config):
     built from it: such numbers are typos (1e12 for 1e3), and building them hangs or overflows deep."""
     limit = SCALE_MARGIN * NODE_GPUS * cfg.train.device_memory_gb * 1e9
     need = 4 * rough_parameters(cfg.model)
-    _check(need <= limit, f"model: about {need / 1e12:,.0f} TB of fp32 weights alone (hidden_size "
+    require(need <= limit, f"model: about {need / 1e12:,.0f} TB of fp32 weights alone (hidden_size "
                           f"{cfg.model.hidden_size}, num_layers {cfg.model.num_layers}, ffn_hidden_size "
                           f"{cfg.model.ffn_hidden_size}), more than {SCALE_MARGIN} nodes of {NODE_GPUS} x "
                           f"{cfg.train.device_memory_gb:g} GB hold: check these keys for a typo")
@@ -453,51 +448,51 @@ def validate_scale(cfg: Config):
 def validate_model(m: ModelConfig, tensor: int = 1, chunks: int = 1):
     """The model against `tensor`-way sharding and `chunks` pipeline chunks (its own shape was
     checked when it was built)."""
-    _check(m.num_heads % tensor == 0,
+    require(m.num_heads % tensor == 0,
            f"model.num_heads ({m.num_heads}) must be divisible by parallel.tensor ({tensor})")
     kv = m.num_kv_heads
-    _check(kv % tensor == 0 or tensor % kv == 0,
+    require(kv % tensor == 0 or tensor % kv == 0,
            f"model.num_kv_heads ({kv}) and parallel.tensor ({tensor}) must divide one another")
-    _check(m.ffn_hidden_size % tensor == 0,
+    require(m.ffn_hidden_size % tensor == 0,
            f"model.ffn_hidden_size ({m.ffn_hidden_size}) must be divisible by parallel.tensor ({tensor})")
-    _check(m.vocab_size % tensor == 0,
+    require(m.vocab_size % tensor == 0,
            f"model.vocab_size ({m.vocab_size}) must be divisible by parallel.tensor ({tensor}); "
            f"set model.vocab_size to a multiple, or 0 to pad the tokenizer's size automatically")
-    _check(m.num_layers % chunks == 0,
+    require(m.num_layers % chunks == 0,
            f"model.num_layers ({m.num_layers}) must be divisible by parallel.pipeline x "
            f"parallel.virtual_pipeline ({chunks})")
 
 
 def validate_training(cfg: Config):
     d, t, o, m = cfg.data, cfg.train, cfg.optim, cfg.model
-    _check(d.mask_token_prob + d.random_token_prob <= 1.0,
+    require(d.mask_token_prob + d.random_token_prob <= 1.0,
            "data.mask_token_prob + data.random_token_prob must lie in [0, 1] (80/10/10 is 0.8 and 0.1)")
-    _check(not (d.cache_dir and Path(d.cache_dir).is_file()),
+    require(not (d.cache_dir and Path(d.cache_dir).is_file()),
            f"data.cache_dir ({d.cache_dir}) is a file; name a folder")
     for length in d.seq_length_stages.values():
-        _check(isinstance(length, int) and length >= 8,
+        require(isinstance(length, int) and length >= 8,
                f"data.seq_length_stages: length {length} must be an integer >= 8")
     for length in [d.seq_length, *d.seq_length_stages.values()]:
-        _check(m.position_embedding != "learned" or length <= m.max_position_embeddings,
+        require(m.position_embedding != "learned" or length <= m.max_position_embeddings,
                f"data.seq_length ({length}, or a stage of data.seq_length_stages) exceeds "
                f"model.max_position_embeddings ({m.max_position_embeddings}) of the learned position table")
     for rate in d.mask_prob_stages.values():
-        _check(0.0 < rate < 1.0, f"data.mask_prob_stages: rate {rate} must be in (0, 1)")
-    _check(t.global_batch_size % t.micro_batch_size == 0,
+        require(0.0 < rate < 1.0, f"data.mask_prob_stages: rate {rate} must be in (0, 1)")
+    require(t.global_batch_size % t.micro_batch_size == 0,
            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
            f"train.micro_batch_size ({t.micro_batch_size})")
-    _check(o.min_lr <= o.lr, f"need optim.min_lr ({o.min_lr}) <= optim.lr ({o.lr})")
-    _check(o.warmup_steps <= t.steps, f"optim.warmup_steps ({o.warmup_steps}) must not exceed train.steps ({t.steps})")
-    _check(o.schedule != "wsd" or o.warmup_steps + o.decay_steps <= t.steps,
+    require(o.min_lr <= o.lr, f"need optim.min_lr ({o.min_lr}) <= optim.lr ({o.lr})")
+    require(o.warmup_steps <= t.steps, f"optim.warmup_steps ({o.warmup_steps}) must not exceed train.steps ({t.steps})")
+    require(o.schedule != "wsd" or o.warmup_steps + o.decay_steps <= t.steps,
            f"optim.warmup_steps + optim.decay_steps ({o.warmup_steps} + {o.decay_steps}) must not exceed "
            f"train.steps ({t.steps}) for the wsd schedule")
     if t.precision == "fp8":
-        _check(not (problems := fp8_shape_problems(m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim,
+        require(not (problems := fp8_shape_problems(m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim,
                                                    m.ffn_hidden_size, m.gated, cfg.parallel.tensor)),
                f"train.precision fp8: FP8 GEMMs need weight dims that are multiples of {FP8_MULTIPLE}; "
                f"{'; '.join(problems)}. Change those keys or use train.precision bf16")
     ramp = t.rampup_batch_size
-    _check(ramp is None or ramp.start <= t.global_batch_size,
+    require(ramp is None or ramp.start <= t.global_batch_size,
            f"train.rampup_batch_size starts at {ramp.start if ramp else 0}, above train.global_batch_size "
            f"({t.global_batch_size}): a ramp-up grows towards the global batch size")
 
@@ -510,30 +505,30 @@ def data_parallel_size(cfg: Config, world_size: int) -> int:
 def validate_layout(cfg: Config, world_size: int):
     p, t = cfg.parallel, cfg.train
     mp = p.tensor * p.pipeline
-    _check(world_size % mp == 0,
+    require(world_size % mp == 0,
            f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline "
            f"({p.tensor} x {p.pipeline} = {mp}); launch a multiple of {mp} processes")
     dp = data_parallel_size(cfg, world_size)
-    _check(p.data in (0, world_size // mp),
+    require(p.data in (0, world_size // mp),
            f"parallel.data ({p.data}) does not match world size {world_size} / {mp} = {world_size // mp}; "
            f"set parallel.data to 0 to derive it")
     per_step = t.micro_batch_size * dp
-    _check(t.global_batch_size % per_step == 0,
+    require(t.global_batch_size % per_step == 0,
            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
            f"train.micro_batch_size x data-parallel size ({t.micro_batch_size} x {dp})")
     ramp = t.rampup_batch_size
-    _check(ramp is None or (ramp.start % per_step == 0 and ramp.increment % per_step == 0),
+    require(ramp is None or (ramp.start % per_step == 0 and ramp.increment % per_step == 0),
            f"train.rampup_batch_size: START and INCREMENT must be multiples of train.micro_batch_size x "
            f"data-parallel size ({t.micro_batch_size} x {dp})")
     if p.virtual_pipeline > 1:  # interleaved 1F1B runs micro-batches in groups of `pipeline`
         sizes = [t.global_batch_size] + ([ramp.start, ramp.increment] if ramp else [])
-        _check(all((size // per_step) % p.pipeline == 0 for size in sizes),
+        require(all((size // per_step) % p.pipeline == 0 for size in sizes),
                f"parallel.virtual_pipeline > 1: the micro-batches per data-parallel rank (global batch "
                f"{t.global_batch_size} / ({t.micro_batch_size} x {dp}), and every ramp-up size) must be a "
                f"multiple of parallel.pipeline ({p.pipeline})")
     if p.sequence_parallel and p.tensor > 1:
         lengths = [cfg.data.seq_length, *cfg.data.seq_length_stages.values()]
-        _check(all(n % p.tensor == 0 for n in lengths),
+        require(all(n % p.tensor == 0 for n in lengths),
                f"parallel.sequence_parallel: data.seq_length (and every seq_length stage) must be a multiple "
                f"of parallel.tensor ({p.tensor}), got {lengths}")
 
@@ -545,7 +540,7 @@ def padded_vocab_size(tokenizer_vocab: int, m: ModelConfig, tensor: int = 1) -> 
 
 
 def check_vocab(m: ModelConfig, tokenizer_vocab: int, source: str):
-    _check(m.vocab_size >= tokenizer_vocab,
+    require(m.vocab_size >= tokenizer_vocab,
            f"model.vocab_size ({m.vocab_size}) is smaller than the vocabulary of {source} ({tokenizer_vocab}); "
            f"raise it, or set it to 0 to take the tokenizer's size")
 

@@ -21,6 +21,12 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key and what to do."""
 
 
+def require(ok: bool, message: str):
+    """Raise ConfigError(message) unless `ok`: the form of every check that fields make together."""
+    if not ok:
+        raise ConfigError(message)
+
+
 # ----------------------------------------------------------------------------- field types
 
 

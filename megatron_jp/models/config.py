@@ -18,12 +18,7 @@ from typing import Literal
 
 # the field types: ModelConfig's annotations are resolved in this module's namespace
 from megatron_jp.config_fields import (Activation, ConfigError, DropoutRate, NonNegative,  # noqa: F401
-                                       NonNegativeFloat, Positive, PositiveFloat, check_fields)
-
-
-def _check(ok: bool, message: str):
-    if not ok:
-        raise ConfigError(message)
+                                       NonNegativeFloat, Positive, PositiveFloat, check_fields, require)
 
 
 @dataclass(frozen=True)
@@ -115,22 +110,22 @@ class ModelConfig:
     def __post_init__(self):
         """The same checks as a config file gets: each field on its own, then the shape together."""
         check_fields(self, "model")
-        _check(self.head_dim > 0 or self.hidden_size % self.num_heads == 0,
+        require(self.head_dim > 0 or self.hidden_size % self.num_heads == 0,
                f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads}); "
                f"change one of them or set model.head_dim explicitly")
         object.__setattr__(self, "num_kv_heads", self.num_kv_heads or self.num_heads)
         object.__setattr__(self, "head_dim", self.head_dim or self.hidden_size // self.num_heads)
-        _check(self.num_heads % self.num_kv_heads == 0,
+        require(self.num_heads % self.num_kv_heads == 0,
                f"model.num_heads ({self.num_heads}) must be a multiple of model.num_kv_heads ({self.num_kv_heads})")
-        _check(self.position_embedding != "rope" or self.head_dim % 2 == 0,
+        require(self.position_embedding != "rope" or self.head_dim % 2 == 0,
                f"RoPE needs an even head size; model.head_dim is {self.head_dim}")
-        _check(self.sliding_window % 2 == 0,
+        require(self.sliding_window % 2 == 0,
                f"model.sliding_window ({self.sliding_window}) is a total window (e.g. 128 = +-64 tokens): "
                f"use an even number, or 0 for global attention everywhere")
-        _check(self.sliding_window > 0 or self.global_attn_every_n_layers == 1,
+        require(self.sliding_window > 0 or self.global_attn_every_n_layers == 1,
                f"model.global_attn_every_n_layers = {self.global_attn_every_n_layers} asks for local layers "
                f"but model.sliding_window is 0; set model.sliding_window (e.g. 128)")
-        _check(self.attention_dropout == 0 or self.attention_backend in ("sdpa", "auto"),
+        require(self.attention_dropout == 0 or self.attention_backend in ("sdpa", "auto"),
                f"model.attention_dropout needs model.attention_backend sdpa or auto ({self.attention_backend} "
                f"has no dropout)")
 

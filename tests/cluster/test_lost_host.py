@@ -9,6 +9,7 @@ uninterrupted run's bit for bit (CPU, fp32, the same 3-rank layout).
 """
 
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -28,10 +29,11 @@ def run_args(shards, run_dir):
                                          "parallel.startup_timeout_minutes": 1})
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    """Namespaces of its own (not the schedulers' `nodes`): this test destroys one of them."""
-    nodes = VirtualCluster(tmp_path / "nodes", tag="lost")
+@contextmanager
+def own_nodes(folder, tag: str):
+    """Namespaces of this test's own (not the schedulers' `nodes`: a test destroys one of them),
+    stopped afterwards with nothing left behind."""
+    nodes = VirtualCluster(folder, tag=tag)
     try:
         nodes.start()
     except NodesUnavailable as e:
@@ -43,6 +45,12 @@ def cluster(tmp_path):
         assert nodes.leftovers() == [], nodes.leftovers()
 
 
+@pytest.fixture
+def cluster(tmp_path):
+    with own_nodes(tmp_path / "nodes", "lost") as nodes:
+        yield nodes
+
+
 def on_node1(cluster, shards, run_dir, port, logs, **kwargs):
     node1 = cluster.hosts["node1"]
     return srun_like(run_args(shards, run_dir), 3, port, logs, hosts=[node1] * 3, master="node1", **kwargs)
@@ -51,19 +59,12 @@ def on_node1(cluster, shards, run_dir, port, logs, **kwargs):
 @pytest.fixture(scope="module")
 def uninterrupted(shards, tmp_path_factory):
     folder = tmp_path_factory.mktemp("uninterrupted")
-    nodes = VirtualCluster(folder / "nodes", tag="ref")
-    try:
-        nodes.start()
-    except NodesUnavailable as e:
-        unavailable(f"no two-node cluster here: {e}")
-    try:
+    with own_nodes(folder / "nodes", "ref") as nodes:
         tasks = on_node1(nodes, shards, folder / "run", 29400, folder / "logs")
         try:
             assert tasks.wait(range(3), timeout_s=300) == {0: 0, 1: 0, 2: 0}, tasks.tail()
         finally:
             tasks.kill()
-    finally:
-        nodes.stop()
     return losses(folder / "run")
 
 

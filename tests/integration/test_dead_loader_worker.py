@@ -9,14 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
-from train_runs import ROOT, base_args, command, environment, last_step, make_shards
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_shards(tmp_path_factory.mktemp("shards"))
+from train_runs import ROOT, base_args, command, environment, last_step
 
 
 def children(pid: int) -> list[int]:

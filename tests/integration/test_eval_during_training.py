@@ -8,17 +8,12 @@ flips, which these few hundred tokens of a tiny model do not have.
 
 import pytest
 
-from train_runs import base_args, make_shards, records, train, train_ok
+from train_runs import base_args, records, train, train_ok
 
 # model.vocab_size fixed: padding to a multiple of 128 x tensor would otherwise give tp=2 another shape
 INTRINSIC = {"eval.intrinsic": "true", "eval.interval": 5, "eval.steps": 2, "data.split": "80,20",
              "train.steps": 10, "checkpoint.interval": 0, "model.vocab_size": 512}
 KEYS = ("masked_word_accuracy", "masked_token_accuracy", "masked_word_loss", "masked_words")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_shards(tmp_path_factory.mktemp("shards"))
 
 
 def validation_lines(run_dir):

@@ -8,14 +8,9 @@ import subprocess
 import sys
 import time
 
-from train_runs import ROOT, base_args, environment, last_step, make_shards
+from train_runs import ROOT, base_args, environment, last_step
 
 import pytest
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_shards(tmp_path_factory.mktemp("shards"))
 
 
 def wait_for(condition, process, what: str, timeout_s: float = 240):

@@ -5,16 +5,9 @@ them (each its own command line), on gloo, a free port each test, bounded in tim
 import subprocess
 import sys
 
-import pytest
-
 from megatron_jp.config import load_config
 from megatron_jp.training.runtime.consensus import describe, fingerprint
-from train_runs import ROOT, base_args, environment, make_shards
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_shards(tmp_path_factory.mktemp("shards"))
+from train_runs import ROOT, base_args, environment
 
 
 def start_ranks(args_per_rank: list[list[str]], port: int) -> list[tuple[int, str, str]]:

@@ -4,12 +4,7 @@ values, unless checkpoint.allow_changes names it; a phase keeps the documented c
 
 import pytest
 
-from train_runs import base_args, make_shards, records, train, train_ok
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_shards(tmp_path_factory.mktemp("shards"))
+from train_runs import base_args, records, train, train_ok
 
 
 @pytest.fixture(scope="module")

@@ -16,18 +16,13 @@ import sys
 
 import pytest
 
-from train_runs import (EXAMPLE_CORPUS, ROOT, base_args, environment, last_step, losses, make_shards, records,
+from train_runs import (EXAMPLE_CORPUS, ROOT, base_args, environment, last_step, losses, records,
                         train, train_ok, train_until_killed, train_until_signalled)
 
 CONTRACT_KEYS = {"step", "loss", "lr", "grad_norm", "tokens_per_second", "tflops_per_gpu", "mfu",
                  "global_batch_size", "seq_length", "mask_prob"}
 CURRICULA = {"train.rampup_batch_size": "4 4 6", "data.seq_length_stages": "0:32,8:64",
              "data.mask_prob_stages": "0:0.3,12:0.15", "eval.interval": 10, "eval.steps": 2}
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_shards(tmp_path_factory.mktemp("shards"))
 
 
 @pytest.fixture(scope="module")

@@ -121,3 +121,17 @@ def test_fused_kernels_verdict_takes_the_worst_seed_shape_against_the_compiled_r
     found = fused_kernels.verdicts(results)
     assert found == {"glu": {"speedup_vs_compiled": pytest.approx(1.1), "default": False},
                      "rope": {"speedup_vs_compiled": pytest.approx(3.0), "default": True}}
+
+
+def test_train_synthetic_overrides_after_the_separator_replace_its_defaults_once(tmp_path):
+    """The trainer refuses a key given twice, so gpu_check's `-- --train.precision fp8` must replace the
+    bench's own train.precision rather than repeat it."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import train_synthetic
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    args, extra = train_synthetic.parse_args(["--preset", "tiny", "--seq", "64", "--rehearse", "--",
+                                              "--train.precision", "fp8"])
+    cli = train_synthetic.run_args(args, "tiny", 64, tmp_path, tmp_path / "tok", "data", extra)
+    assert cli.count("--train.precision") == 1 and cli[cli.index("--train.precision") + 1] == "fp8"
